@@ -1,0 +1,80 @@
+"""`meerkat-ray run | export` (also `python -m meerkat_ray`).
+
+Bad input exits with status 2 and one `error: ...` line on stderr naming the key or path, before
+any model or cluster starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import MeerkatError
+
+OFFLINE_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2, like every other bad input
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="meerkat-ray", description="Federated zeroth-order LLM fine-tuning on a sparse mask.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run one federated experiment (no arguments: the embedded default)")
+    run.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    export = sub.add_parser("export", help="write a Hugging Face model folder with the fine-tuned values")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    return parser
+
+
+def split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """First item may be a YAML file; the rest are key=value overrides."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+
+    path, overrides = split_items(args.items)
+    cfg = load_config(path, overrides)
+    from .runner import run_experiment
+
+    run_experiment(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .runner import export_model
+
+    out = export_model(args.run_dir, args.out_dir)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MeerkatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

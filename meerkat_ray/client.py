@@ -1,0 +1,86 @@
+"""The client side: a worker that holds one model and serves any number of virtual clients.
+
+A worker keeps the global masked values in sync by applying each round's aggregation terms (the
+dimension-free downlink), and runs a client's plan from there: theta_k = theta_global, then T_k
+sparse SPSA steps on that client's persistent data stream. Nothing of size n leaves the worker.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .messages import ClientPlan, ClientResult, SyncMessage
+from .path import apply_terms_, derive_seed
+from .zo import Batch, MaskedView, collate, evaluate, zo_step_
+
+
+class ClientData:
+    """Tokenised training examples and which belong to which client.
+
+    Client k's stream is an endless sequence of epochs over its examples, each epoch a permutation
+    drawn from (run seed, k, epoch); `cursor` counts examples consumed so far, so a client that
+    runs fewer steps in a round (early stopping) simply continues where it stopped.
+    """
+
+    def __init__(self, tokens: list[list[int]], labels: list[int], client_indices: list[np.ndarray],
+                 seed: int, pad_id: int):
+        self.tokens, self.labels = tokens, labels
+        self.client_indices = [np.asarray(ix, dtype=np.int64) for ix in client_indices]
+        self.seed, self.pad_id = seed, pad_id
+
+    def _epoch_order(self, client: int, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(derive_seed(self.seed, "data", client, epoch))
+        return self.client_indices[client][rng.permutation(len(self.client_indices[client]))]
+
+    def batch(self, client: int, cursor: int, size: int) -> Batch:
+        count = len(self.client_indices[client])
+        picked, orders = [], {}
+        for pos in range(cursor, cursor + size):
+            epoch, i = divmod(pos, count)
+            if epoch not in orders:
+                orders[epoch] = self._epoch_order(client, epoch)
+            picked.append(int(orders[epoch][i]))
+        return collate([self.tokens[i] for i in picked], [self.labels[i] for i in picked], self.pad_id)
+
+
+class ClientWorker:
+    def __init__(self, model: torch.nn.Module, mask, theta: torch.Tensor, data: ClientData,
+                 label_ids: torch.Tensor, eps: float, batch_size: int, device, name: str = "local"):
+        self.view = MaskedView(model, mask)
+        self.theta_global = theta.clone()
+        self.data, self.eps, self.batch_size = data, eps, batch_size
+        self.device = device
+        self.label_ids = label_ids.to(device)
+        self.name = name
+        self.synced_round = 0  # round 0 = the initial values every worker starts from
+        self.last_theta = self.theta_global
+        self.view.write_(self.theta_global)
+
+    def sync(self, msg: SyncMessage) -> None:
+        """Apply one round's aggregation terms to the global values (each round exactly once)."""
+        if msg.round != self.synced_round + 1:
+            raise RuntimeError(f"worker {self.name}: sync for round {msg.round} after round {self.synced_round}")
+        apply_terms_(self.theta_global, msg.terms)
+        self.synced_round = msg.round
+        self.view.write_(self.theta_global)
+
+    def run(self, plan: ClientPlan) -> ClientResult:
+        """Run one virtual client's local steps from the current global values."""
+        start = time.perf_counter()
+        theta = self.theta_global.clone()
+        scalars, losses = [], []
+        for t, seed in enumerate(plan.seeds[: plan.steps]):
+            batch = self.data.batch(plan.client, plan.cursor + t * self.batch_size, self.batch_size).to(self.device)
+            scalar, loss = zo_step_(self.view, theta, seed, batch, self.label_ids, self.eps, plan.lr)
+            scalars.append(scalar)
+            losses.append(loss)
+        self.view.write_(self.theta_global)
+        self.last_theta = theta  # the client's final local values (tests compare them with the server's replay)
+        return ClientResult(round=plan.round, client=plan.client, scalars=scalars, losses=losses,
+                            worker=self.name, compute_s=time.perf_counter() - start)
+
+    def evaluate(self, batches: list[Batch]) -> tuple[float, float]:
+        self.view.write_(self.theta_global)
+        return evaluate(self.view.model, batches, self.label_ids, self.device)

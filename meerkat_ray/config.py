@@ -1,0 +1,301 @@
+"""One config tree: defaults <- YAML file <- dotted `key=value` overrides, strictly validated.
+
+Every key of an experiment lives here, with a trailing comment saying what it is for. The same
+tree is used by the CLI, the Tune trainable and the tests; `to_dict` is what `config.yaml` in a
+run folder holds, and `from_dict` reads it back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"     # built-in name (smollm2-135m, tiny-llama, tiny-qwen2), hub id or local folder
+    dtype: str = "float32"         # weights dtype on the device: float32 | bfloat16 | float16
+    device: str = "auto"           # auto (cuda when present) | cpu | cuda | cuda:N
+    cache_dir: str = ""            # converted models and masks; "" = $MEERKAT_RAY_CACHE or ~/.cache/meerkat-ray
+    num_threads: int = 0           # torch CPU threads per process; 0 = leave torch's default
+
+
+@dataclass
+class DataConfig:
+    task: str = "tweets2"          # tweets | tweets2 | sst2 | ag_news | yelp_polarity | boolq | rte | wsc | wic
+    source: str = ""               # local folder of <split>.jsonl rows shaped like the hub's ("" = hub / embedded)
+    min_confidence: float = 0.0    # tweets only: keep rows whose annotator confidence is at least this
+    num_train: int = 0             # training examples shared out to clients (0 = all)
+    num_test: int = 300            # held-out test examples (never seen by any client)
+    num_clients: int = 8           # K
+    partition: str = "mixed"       # iid | dirichlet | extreme | mixed
+    alpha: float = 0.5             # Dirichlet concentration (smaller = more skewed)
+    extreme_fraction: float = 0.25  # mixed: fraction of single-label clients
+    batch_size: int = 16           # examples per forward pass (both forwards of a ZO step share it)
+    max_length: int = 64           # prompt tokens kept (left-truncated: the end of the prompt matters)
+    eval_batch_size: int = 64      # examples per forward pass during evaluation
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "pretrain_grad"    # pretrain_grad | weight_magnitude | random | full
+    density: float = 1e-3          # u: fraction of eligible weights that are trained
+    eligible: str = ""             # regex on parameter names; "" = 2-D weights of the blocks (no embeddings / head)
+    calib_corpus: str = "pydoc"    # pydoc (embedded CPython docs) | c4 (hub, online only)
+    calib_num_seqs: int = 16       # calibration sequences for pretrain_grad / g_pre
+    calib_seq_len: int = 128       # tokens per calibration sequence
+    calib_batch_size: int = 4      # sequences per backward pass during calibration
+    cache: bool = True             # reuse a mask computed before for the same fingerprint
+
+
+@dataclass
+class ZOConfig:
+    eps: float = 1e-3              # perturbation scale epsilon
+    lr: float = 3e-4               # learning rate eta (sparse masks need far larger values than dense MeZO)
+
+
+@dataclass
+class FedConfig:
+    rounds: int = 10               # R
+    local_steps: int = 10          # T: local ZO steps per client per round
+    seed_sharing: str = "round"    # round: one seed list per round for all clients | client: seeds per client
+    eval_every: int = 1            # evaluate the global model every E rounds (and always after the last)
+
+
+@dataclass
+class VPConfig:
+    enabled: bool = True           # Meerkat-vp: flag extreme non-IID clients from GradIP and early-stop them
+    policy: str = "gradip"         # gradip (VPCS) | random (stop as many clients, chosen at random)
+    sigma: float = 0.5             # a step is quiet when |GradIP| < sigma * population reference
+    rho: float = 2.0               # flag when mean|GradIP| early / late exceeds rho ...
+    min_quiet_fraction: float = 0.6  # ... and the late phase has at least this fraction of quiet steps
+    calib_steps: int = 50          # local steps per client recorded before deciding
+    early_fraction: float = 0.2    # first part of the calibration trajectory used as the "early" phase
+    late_fraction: float = 0.5     # last part used as the "late" phase
+
+
+@dataclass
+class RayConfig:
+    backend: str = "local"         # local (sequential, in process) | ray
+    num_actors: int = 2            # client actors (each loads the model once, serves many clients)
+    gpus_per_client: float = 0.0   # GPU fraction per client actor (e.g. 0.25)
+    cpus_per_client: float = 1.0   # CPUs per client actor
+    num_gpus: int = 0              # logical GPUs of an embedded local cluster
+    address: str = ""              # "" = start an embedded cluster; "auto" or host:port joins one
+    dashboard_host: str = "127.0.0.1"  # embedded cluster's dashboard bind address
+
+
+@dataclass
+class Config:
+    name: str = "meerkat-vp-demo"  # run folder name under output_dir
+    seed: int = 0                  # every random draw derives from this
+    output_dir: str = "runs"       # parent folder of run folders
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    vp: VPConfig = field(default_factory=VPConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.partition": ("iid", "dirichlet", "extreme", "mixed"),
+    "mask.kind": ("pretrain_grad", "weight_magnitude", "random", "full"),
+    "mask.calib_corpus": ("pydoc", "c4"),
+    "fed.seed_sharing": ("round", "client"),
+    "vp.policy": ("gradip", "random"),
+    "ray.backend": ("local", "ray"),
+}
+
+# (key, predicate, what the value must be)
+RANGES = [
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("model.num_threads", lambda v: v >= 0, ">= 0"),
+    ("data.min_confidence", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("data.num_train", lambda v: v >= 0, ">= 0"),
+    ("data.num_test", lambda v: v >= 1, ">= 1"),
+    ("data.num_clients", lambda v: v >= 1, ">= 1"),
+    ("data.alpha", lambda v: v > 0, "> 0"),
+    ("data.extreme_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.max_length", lambda v: v >= 2, ">= 2"),
+    ("data.eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("mask.density", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    ("mask.calib_num_seqs", lambda v: v >= 1, ">= 1"),
+    ("mask.calib_seq_len", lambda v: v >= 2, ">= 2"),
+    ("mask.calib_batch_size", lambda v: v >= 1, ">= 1"),
+    ("zo.eps", lambda v: v > 0, "> 0"),
+    ("zo.lr", lambda v: v > 0, "> 0"),
+    ("fed.rounds", lambda v: v >= 1, ">= 1"),
+    ("fed.local_steps", lambda v: v >= 1, ">= 1"),
+    ("fed.eval_every", lambda v: v >= 1, ">= 1"),
+    ("vp.sigma", lambda v: v > 0, "> 0"),
+    ("vp.rho", lambda v: v > 0, "> 0"),
+    ("vp.min_quiet_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("vp.calib_steps", lambda v: v >= 2, ">= 2"),
+    ("vp.early_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    ("vp.late_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    ("ray.num_actors", lambda v: v >= 1, ">= 1"),
+    ("ray.gpus_per_client", lambda v: 0.0 <= v <= 1.0 or float(v).is_integer(), "in [0, 1] or a whole number"),
+    ("ray.cpus_per_client", lambda v: v > 0, "> 0"),
+    ("ray.num_gpus", lambda v: v >= 0, ">= 0"),
+]
+
+
+# ----------------------------------------------------------------------------- building
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check one leaf value against its declared type (int accepted for float, nothing else)."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, str) and _looks_like_float(value):
+            value = float(value)  # YAML 1.1 (PyYAML) reads `1e-4` as a string
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in types:
+            known = ", ".join(sorted(f"{prefix}{k}" for k in types))
+            raise ConfigError(f"{dotted}: unknown config key (known here: {known})")
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, typ)
+    return cls(**kwargs)
+
+
+def get_key(cfg: Config, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    for key, choices in CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+    for key, ok, what in RANGES:
+        value = get_key(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}: must be {what}, got {value!r}")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(f"name: must be a plain folder name, got {cfg.name!r}")
+    if not cfg.model.name:
+        raise ConfigError("model.name: must not be empty")
+    if cfg.vp.early_fraction + cfg.vp.late_fraction > 1.0:
+        raise ConfigError("vp.early_fraction: early_fraction + late_fraction must be <= 1")
+    if cfg.ray.gpus_per_client > 1 and not float(cfg.ray.gpus_per_client).is_integer():
+        raise ConfigError("ray.gpus_per_client: above 1 it must be a whole number of GPUs")
+    return cfg
+
+
+def from_dict(data: dict | None) -> Config:
+    return validate(_build(Config, data or {}, ""))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", YAML-typed value): `zo.lr=1e-4` gives a float, `vp.enabled=false` a bool."""
+    if "=" not in item:
+        raise ConfigError(f"{item}: overrides are written key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{item}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return raw.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path, key_name: str = "config") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the {key_name} must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """defaults <- YAML file <- overrides, then strict validation."""
+    data = read_yaml(path) if path else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    return from_dict(data)

@@ -1,0 +1,89 @@
+"""Everything one experiment derives from its config, in the order that fails fast.
+
+`prepare_data` needs no model (task, split, partition): bad data input is refused before any model
+or cluster starts. `prepare_model` loads the model and mask; `build_worker` assembles a client
+worker. The local runner and every Ray actor build their pieces with these same functions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .client import ClientData, ClientWorker
+from .config import Config
+from .errors import MeerkatError
+from .mask import Mask, get_mask
+from .models import LoadedModel, load_model
+from .partition import Partition, make_partition
+from .tasks import TaskData, load_task
+from .zo import Batch, MaskedView, collate
+
+
+@dataclass
+class DataSetup:
+    task: TaskData
+    partition: Partition
+
+    @property
+    def client_sizes(self) -> list[int]:
+        return self.partition.sizes()
+
+    def client_table(self) -> list[dict]:
+        hist = self.partition.histograms(self.task.train_labels, self.task.num_classes)
+        return [{"client": k, "size": int(sum(h)), "label_histogram": h, "extreme": bool(e)}
+                for k, (h, e) in enumerate(zip(hist, self.partition.extreme))]
+
+    @property
+    def extreme_clients(self) -> list[int]:
+        return [k for k, e in enumerate(self.partition.extreme) if e]
+
+
+def prepare_data(cfg: Config) -> DataSetup:
+    d = cfg.data
+    task = load_task(d.task, seed=cfg.seed, num_train=d.num_train, num_test=d.num_test,
+                     source=d.source or None, min_confidence=d.min_confidence)
+    labels = np.asarray(task.train_labels)
+    partition = make_partition(labels, d.num_clients, d.partition, alpha=d.alpha,
+                               extreme_fraction=d.extreme_fraction, seed=cfg.seed, num_classes=task.num_classes)
+    return DataSetup(task=task, partition=partition)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per prompt, left-truncated to max_length (the end of a prompt carries the question)."""
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [row[-max_length:] for row in ids]
+
+
+def label_token_ids(tokenizer, label_words) -> torch.Tensor:
+    ids = [tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in label_words]
+    if len(set(ids)) != len(ids):
+        raise MeerkatError(f"data.task: label words {list(label_words)} share a first token under this tokenizer")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def test_batches(tokenizer, task: TaskData, cfg: Config) -> list[Batch]:
+    """The held-out test set in batches, sorted by length so that little padding is computed."""
+    tokens = tokenize(tokenizer, task.test_texts, cfg.data.max_length)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+    size = cfg.data.eval_batch_size
+    return [collate([tokens[i] for i in chunk], [task.test_labels[i] for i in chunk], tokenizer.pad_token_id)
+            for chunk in (order[j: j + size] for j in range(0, len(order), size))]
+
+
+def prepare_model(cfg: Config, progress: bool = True) -> tuple[LoadedModel, Mask, torch.Tensor]:
+    """Model, mask (cached on disk) and the initial masked values theta_0 (fp32, mask order)."""
+    lm = load_model(cfg.model, cfg.seed)
+    mask = get_mask(lm, cfg.mask, cfg.seed, need_g_pre=cfg.vp.enabled, progress=progress)
+    theta = MaskedView(lm.model, mask).gather()
+    return lm, mask, theta
+
+
+def build_worker(cfg: Config, data: DataSetup, lm: LoadedModel, mask: Mask, theta: torch.Tensor,
+                 name: str = "local") -> ClientWorker:
+    tokens = tokenize(lm.tokenizer, data.task.train_texts, cfg.data.max_length)
+    client_data = ClientData(tokens, data.task.train_labels, data.partition.client_indices, cfg.seed,
+                             lm.tokenizer.pad_token_id)
+    return ClientWorker(lm.model, mask, theta, client_data, label_token_ids(lm.tokenizer, data.task.spec.label_words),
+                        eps=cfg.zo.eps, batch_size=cfg.data.batch_size, device=lm.device, name=name)

@@ -1,0 +1,125 @@
+"""GradIP and virtual-path client selection (VPCS, the "vp" of Meerkat-vp).
+
+GradIP_k^t = <g_pre, scalar_k^t z_t> = scalar_k^t * <g_pre, z_t>: one scalar per replayed step.
+
+VPCS on each client's calibration trajectory a_t = |GradIP_k^t|, t < calib_steps:
+    early  = first `early_fraction` of the steps, late = last `late_fraction`
+    ref    = median over clients of mean(early)            (population reference: sigma is scale-free)
+    rho_later_k = mean(early_k) / mean(late_k)
+    quiet_k     = fraction of late steps with a_t < sigma * ref
+A client is flagged extreme non-IID when rho_later_k > rho and quiet_k > min_quiet_fraction; it is
+then early-stopped (1 local step per round instead of T). Policies are small objects in `POLICIES`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import VPConfig
+
+
+@dataclass
+class VPCSStats:
+    rho_later: float
+    quiet_fraction: float
+    early_mean: float
+    late_mean: float
+
+
+def phase_lengths(steps: int, early_fraction: float, late_fraction: float) -> tuple[int, int]:
+    early = max(1, round(early_fraction * steps))
+    late = max(1, min(steps - early, round(late_fraction * steps)))
+    return early, late
+
+
+def vpcs_statistics(trajectories: dict[int, np.ndarray], cfg: VPConfig) -> dict[int, VPCSStats]:
+    """Per client (rho_later, quiet fraction) from |GradIP| trajectories of equal length."""
+    if not trajectories:
+        return {}
+    absolute = {k: np.abs(np.asarray(v, dtype=np.float64)) for k, v in trajectories.items()}
+    steps = min(len(v) for v in absolute.values())
+    n_early, n_late = phase_lengths(steps, cfg.early_fraction, cfg.late_fraction)
+    early = {k: float(v[:n_early].mean()) for k, v in absolute.items()}
+    reference = float(np.median(list(early.values())))
+    stats = {}
+    for k, v in absolute.items():
+        late = v[steps - n_late: steps]
+        late_mean = float(late.mean())
+        rho_later = early[k] / late_mean if late_mean > 0 else float("inf")
+        quiet = float((late < cfg.sigma * reference).mean())
+        stats[k] = VPCSStats(rho_later, quiet, early[k], late_mean)
+    return stats
+
+
+def gradip_flags(stats: dict[int, VPCSStats], cfg: VPConfig) -> list[int]:
+    return sorted(k for k, s in stats.items() if s.rho_later > cfg.rho and s.quiet_fraction > cfg.min_quiet_fraction)
+
+
+class GradIPPolicy:
+    """VPCS: flag the clients whose GradIP trajectory decays and stays quiet."""
+
+    name = "gradip"
+
+    def select(self, stats: dict[int, VPCSStats], cfg: VPConfig, rng: np.random.Generator) -> list[int]:
+        return gradip_flags(stats, cfg)
+
+
+class RandomPolicy:
+    """Baseline: early-stop as many clients as VPCS would, chosen uniformly at random."""
+
+    name = "random"
+
+    def select(self, stats: dict[int, VPCSStats], cfg: VPConfig, rng: np.random.Generator) -> list[int]:
+        count = len(gradip_flags(stats, cfg))
+        return sorted(int(k) for k in rng.choice(sorted(stats), size=count, replace=False))
+
+
+POLICIES = {"gradip": GradIPPolicy, "random": RandomPolicy}
+
+
+class VPState:
+    """Collects |GradIP| per client until every client has `calib_steps`, then decides once."""
+
+    def __init__(self, cfg: VPConfig, num_clients: int, seed: int):
+        self.cfg = cfg
+        self.policy = POLICIES[cfg.policy]()
+        self.trajectories: dict[int, list[float]] = {k: [] for k in range(num_clients)}
+        self.flagged: list[int] = []
+        self.stats: dict[int, VPCSStats] = {}
+        self.decided_round: int | None = None
+        self.rng = np.random.default_rng([seed, 7])
+
+    @property
+    def decided(self) -> bool:
+        return self.decided_round is not None
+
+    def record(self, client: int, grad_ips: list[float]) -> None:
+        if not self.decided:
+            self.trajectories[client].extend(grad_ips)
+
+    def maybe_decide(self, round_: int) -> bool:
+        """Decide at the end of the first round in which every client has a full calibration trajectory."""
+        if self.decided or not self.cfg.enabled:
+            return False
+        steps = self.cfg.calib_steps
+        if any(len(v) < steps for v in self.trajectories.values()):
+            return False
+        window = {k: np.asarray(v[:steps]) for k, v in self.trajectories.items()}
+        self.stats = vpcs_statistics(window, self.cfg)
+        self.flagged = self.policy.select(self.stats, self.cfg, self.rng)
+        self.decided_round = round_
+        return True
+
+
+def flag_quality(flagged: list[int], extreme: list[int]) -> dict:
+    """Precision / recall of the flagged set against the truly extreme clients."""
+    flagged_set, extreme_set = set(flagged), set(extreme)
+    hits = len(flagged_set & extreme_set)
+    return {
+        "true_positives": hits,
+        "false_positives": len(flagged_set - extreme_set),
+        "false_negatives": len(extreme_set - flagged_set),
+        "precision": hits / len(flagged_set) if flagged_set else None,
+        "recall": hits / len(extreme_set) if extreme_set else None,
+    }

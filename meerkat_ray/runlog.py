@@ -1,0 +1,113 @@
+"""The run folder: every file written atomically (temp file + rename), read back without pickle.
+
+<output_dir>/<name>/
+  config.yaml              fully resolved config
+  metrics.jsonl            one JSON object per round (round 0 = zero-shot evaluation)
+  path.parquet             virtual-path log: round, client, step, seed, scalar, lr, weight, grad_ip
+  mask.safetensors         per masked parameter its sorted flat indices (+ pretrain_grad)
+  sparse_init.safetensors  masked values before training (float32, key "theta", mask order)
+  sparse_final.safetensors masked values after training
+  clients.json             per client: data size, label histogram, truly extreme or not
+  summary.json             final / zero-shot accuracy, totals, flagged vs extreme clients
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .errors import MeerkatError
+
+PATH_COLUMNS = ["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path beside `path`; on success rename it over `path` (never a truncated file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(_json_safe(obj), indent=2) + "\n")
+
+
+def save_theta(path: str | Path, theta: torch.Tensor) -> None:
+    with atomic_path(path) as tmp:
+        save_file({"theta": theta.detach().to(torch.float32).cpu().contiguous()}, str(tmp))
+
+
+def load_theta(path: str | Path) -> torch.Tensor:
+    try:
+        return load_file(str(path))["theta"]
+    except Exception as exc:
+        raise MeerkatError(f"{path}: not a readable sparse-values file ({type(exc).__name__})") from None
+
+
+class RunWriter:
+    """Owns one run folder; the round loop hands it records, it keeps the files current."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.metrics: list[dict] = []
+        self.path_frames: list[pd.DataFrame] = []
+
+    def write_config(self, cfg_dict: dict) -> None:
+        write_text(self.dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+
+    def add_round(self, metrics: dict, path_rows: pd.DataFrame | None) -> None:
+        """Append one round's metrics and path rows; both files are rewritten atomically."""
+        self.metrics.append(_json_safe(metrics))
+        write_text(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
+        if path_rows is not None and len(path_rows):
+            self.path_frames.append(path_rows[PATH_COLUMNS])
+        self.write_path()
+
+    def write_path(self) -> None:
+        frame = (pd.concat(self.path_frames, ignore_index=True) if self.path_frames
+                 else pd.DataFrame({c: pd.Series(dtype="float64") for c in PATH_COLUMNS}))
+        with atomic_path(self.dir / "path.parquet") as tmp:
+            frame.to_parquet(tmp, index=False)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_path(run_dir: str | Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(run_dir) / "path.parquet")
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,210 @@
+"""One federated experiment: set-up, the round loop, the run folder, the summary.
+
+The round loop is written once (`federate`); where clients run is an *executor*:
+`LocalExecutor` runs them one after another in this process (ray.backend=local); the Ray
+executor spreads them over client actors. Per round:
+    plans = server.plan_round(r) -> results = executor.run_clients(plans)
+    -> server.finish_round (checks, replay, GradIP, VPCS, aggregation, bytes) -> executor.sync(terms)
+    -> evaluation every `fed.eval_every` rounds -> metrics.jsonl / path.parquet.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .client import ClientWorker
+from .config import Config, to_dict
+from .errors import MeerkatError
+from .experiment import DataSetup, build_worker, prepare_data, prepare_model, test_batches
+from .gradip import flag_quality
+from .mask import save_mask
+from .runlog import RunWriter, save_theta, write_json
+from .server import Server
+
+
+class LocalExecutor:
+    """Runs every virtual client on one in-process worker, sequentially."""
+
+    def __init__(self, worker: ClientWorker, eval_batches):
+        self.worker, self.eval_batches = worker, eval_batches
+
+    def run_clients(self, plans, on_result=None):
+        results = []
+        for plan in plans:
+            results.append(self.worker.run(plan))
+            if on_result:
+                on_result(results[-1])
+        return results
+
+    def sync(self, msg) -> None:
+        self.worker.sync(msg)
+
+    def evaluate(self) -> tuple[float, float]:
+        return self.worker.evaluate(self.eval_batches)
+
+    def global_theta(self) -> torch.Tensor:
+        return self.worker.theta_global
+
+    def close(self) -> None:
+        pass
+
+
+def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
+    run_dir = cfg.run_dir
+    if run_dir.exists():
+        if not overwrite:
+            raise MeerkatError(f"{run_dir}: run folder already exists (use --overwrite to replace it)")
+        if not (run_dir / "config.yaml").is_file() and any(run_dir.iterdir()):
+            raise MeerkatError(f"{run_dir}: exists and is not a run folder; refusing to overwrite it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress: bool = True) -> dict:
+    """The round loop. Returns the last evaluation (accuracy, loss) and timing."""
+    acc0, loss0 = executor.evaluate()
+    writer.add_round({"round": 0, "accuracy": acc0, "test_loss": loss0, "uplink_bytes": 0, "downlink_bytes": 0,
+                      "flagged_clients": [], "wall_s": 0.0}, None)
+    if progress:
+        print(f"round 0 (zero-shot): accuracy {acc0:.3f}  test loss {loss0:.4f}", flush=True)
+    last = {"accuracy": acc0, "test_loss": loss0, "zero_shot_accuracy": acc0, "best_accuracy": acc0}
+    start = time.perf_counter()
+    for r in range(1, cfg.fed.rounds + 1):
+        t0 = time.perf_counter()
+        plans = server.plan_round(r)
+        bar = tqdm(total=sum(p.steps for p in plans), desc=f"round {r}/{cfg.fed.rounds}", unit="step",
+                   disable=not progress, leave=True, dynamic_ncols=True)
+        results = executor.run_clients(plans, on_result=lambda res: bar.update(len(res.scalars)))
+        outcome = server.finish_round(r, plans, results)
+        executor.sync(outcome.sync)
+        metrics = dict(outcome.metrics)
+        if r % cfg.fed.eval_every == 0 or r == cfg.fed.rounds:
+            acc, loss = executor.evaluate()
+            metrics.update(accuracy=acc, test_loss=loss)
+            last.update(accuracy=acc, test_loss=loss, best_accuracy=max(last["best_accuracy"], acc))
+        metrics["compute_s"] = round(sum(res.compute_s for res in results if res is not None), 3)
+        metrics["wall_s"] = round(time.perf_counter() - t0, 3)
+        writer.add_round(metrics, outcome.path_rows)
+        bar.set_postfix(loss=_fmt(metrics.get("train_loss")), acc=_fmt(metrics.get("accuracy")),
+                        flagged=len(metrics["flagged_clients"]))
+        bar.close()
+    last["train_wall_s"] = time.perf_counter() - start
+    return last
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def make_executor(cfg: Config, data: DataSetup, progress: bool):
+    """Model, mask and theta_0 for the server, plus the executor that runs the clients."""
+    lm, mask, theta = prepare_model(cfg, progress=progress)
+    if cfg.ray.backend == "ray":
+        from .federation import RayExecutor  # Ray stays out of the pure core
+
+        return mask, theta, RayExecutor(cfg, data, mask, theta, test_batches(lm.tokenizer, data.task, cfg))
+    worker = build_worker(cfg, data, lm, mask, theta)
+    return mask, theta, LocalExecutor(worker, test_batches(lm.tokenizer, data.task, cfg))
+
+
+def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run one federated experiment end to end and write its run folder. Returns summary.json."""
+    t_start = time.perf_counter()
+    data = prepare_data(cfg)                      # bad data input fails here, before any model
+    if cfg.run_dir.exists() and not overwrite:
+        raise MeerkatError(f"{cfg.run_dir}: run folder already exists (use --overwrite to replace it)")
+    mask, theta0, executor = make_executor(cfg, data, progress)
+    run_dir = prepare_run_dir(cfg, overwrite)
+    writer = RunWriter(run_dir)
+    writer.write_config(to_dict(cfg))
+    save_mask(mask, run_dir / "mask.safetensors")
+    save_theta(run_dir / "sparse_init.safetensors", theta0)
+    write_json(run_dir / "clients.json", data.client_table())
+    if progress:
+        sizes = data.client_sizes
+        print(f"{cfg.name}: {cfg.model.name} on {cfg.data.task}, {len(sizes)} clients ({cfg.data.partition}, "
+              f"sizes {min(sizes)}-{max(sizes)}, extreme {data.extreme_clients}), mask {cfg.mask.kind} "
+              f"u={cfg.mask.density:g} n={mask.n:,}, R={cfg.fed.rounds} T={cfg.fed.local_steps}", flush=True)
+    server = Server(cfg, theta0, mask.pretrain_grad, data.client_sizes)
+    try:
+        last = federate(cfg, server, executor, writer, progress)
+        if not torch.equal(executor.global_theta(), server.theta):
+            raise RuntimeError("client workers and server disagree on the global values")
+    finally:
+        executor.close()
+    save_theta(run_dir / "sparse_final.safetensors", server.theta)
+    summary = {
+        "name": cfg.name,
+        "zero_shot_accuracy": last["zero_shot_accuracy"],
+        "final_accuracy": last["accuracy"],
+        "best_accuracy": last["best_accuracy"],
+        "final_test_loss": last["test_loss"],
+        "num_test": len(data.task.test_labels),
+        "uplink_bytes": server.uplink_bytes,
+        "downlink_bytes": server.downlink_bytes,
+        "local_steps": server.local_steps,
+        "rounds": cfg.fed.rounds,
+        "mask_size": mask.n,
+        "flagged_clients": server.vp.flagged,
+        "vp_decided_round": server.vp.decided_round,
+        "extreme_clients": data.extreme_clients,
+        "flagging": flag_quality(server.vp.flagged, data.extreme_clients) if server.vp.decided else None,
+        "vpcs": {str(k): vars(s) for k, s in server.vp.stats.items()},
+        "train_wall_s": round(last["train_wall_s"], 2),
+        "total_wall_s": round(time.perf_counter() - t_start, 2),
+    }
+    write_json(run_dir / "summary.json", summary)
+    if progress:
+        print_summary(summary, run_dir)
+    return summary
+
+
+def print_summary(s: dict, run_dir: Path) -> None:
+    def row(label, value):
+        print(f"  {label:<28} {value}")
+
+    print(f"\nsummary of {run_dir}")
+    row("zero-shot accuracy", f"{s['zero_shot_accuracy']:.3f}  (n={s['num_test']})")
+    row("final accuracy", f"{s['final_accuracy']:.3f}  (best {s['best_accuracy']:.3f})")
+    row("uplink / downlink bytes", f"{s['uplink_bytes']:,} / {s['downlink_bytes']:,}")
+    row("local steps", f"{s['local_steps']:,} over {s['rounds']} rounds, mask n={s['mask_size']:,}")
+    row("flagged clients (VPCS)", s["flagged_clients"] if s["vp_decided_round"] is not None else "not decided")
+    row("truly extreme clients", s["extreme_clients"])
+    if s["flagging"]:
+        f = s["flagging"]
+        row("flagging precision / recall", f"{_fmt(f['precision'])} / {_fmt(f['recall'])}")
+    row("wall time", f"{s['total_wall_s']:.1f} s")
+
+
+def export_model(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """A Hugging Face model folder with sparse_final applied to the masked coordinates."""
+    from .config import from_dict
+    from .mask import check_mask, load_mask
+    from .models import load_model
+    from .runlog import load_theta
+    from .zo import MaskedView
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    for name in ("config.yaml", "mask.safetensors", "sparse_final.safetensors"):
+        if not (run_dir / name).is_file():
+            raise MeerkatError(f"{run_dir / name}: missing (is {run_dir} a finished run folder?)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise MeerkatError(f"{out_dir}: exists and is not empty")
+    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    lm = load_model(cfg.model, cfg.seed)
+    mask = load_mask(run_dir / "mask.safetensors")
+    check_mask(mask, lm.model, run_dir / "mask.safetensors")
+    theta = load_theta(run_dir / "sparse_final.safetensors")
+    if theta.numel() != mask.n:
+        raise MeerkatError(f"{run_dir / 'sparse_final.safetensors'}: {theta.numel()} values for a mask of {mask.n}")
+    MaskedView(lm.model, mask).write_(theta)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(out_dir, safe_serialization=True)
+    lm.tokenizer.save_pretrained(out_dir)
+    return out_dir

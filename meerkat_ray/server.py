@@ -1,0 +1,123 @@
+"""The server: plans rounds, checks and replays what clients send, computes GradIP, runs VPCS and
+aggregates. Pure torch/numpy: the Ray server actor is a thin wrapper around it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import Config
+from .gradip import VPState
+from .messages import ClientPlan, ClientResult, SyncMessage
+from .path import ClientPath, aggregation_terms, apply_terms_, step_seeds
+
+
+@dataclass
+class RoundOutcome:
+    metrics: dict            # server-side part of the round's metrics.jsonl record
+    path_rows: pd.DataFrame  # this round's virtual-path log
+    sync: SyncMessage        # what every client applies to reach the new global values
+
+
+class Server:
+    def __init__(self, cfg: Config, theta: torch.Tensor, g_pre: torch.Tensor | None, client_sizes: list[int]):
+        self.cfg = cfg
+        self.theta = theta.clone()          # global fp32 masked values, mask order
+        self.g_pre = g_pre.double() if g_pre is not None else None
+        self.sizes = np.asarray(client_sizes, dtype=np.int64)
+        self.cursors = np.zeros(len(client_sizes), dtype=np.int64)
+        self.vp = VPState(cfg.vp, len(client_sizes), cfg.seed)
+        self.uplink_bytes = 0
+        self.downlink_bytes = 0
+        self.local_steps = 0
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.sizes)
+
+    def steps_for(self, client: int) -> int:
+        return 1 if client in self.vp.flagged else self.cfg.fed.local_steps
+
+    def plan_round(self, round_: int) -> list[ClientPlan]:
+        """Plans for round `round_` (rounds count from 1; 0 is the zero-shot evaluation)."""
+        fed = self.cfg.fed
+        plans = []
+        for k in range(self.num_clients):
+            steps = self.steps_for(k)
+            seeds = step_seeds(self.cfg.seed, round_, k, fed.local_steps if fed.seed_sharing == "round" else steps,
+                               fed.seed_sharing)
+            plans.append(ClientPlan(round=round_, client=k, seeds=seeds, steps=steps, lr=self.cfg.zo.lr,
+                                    cursor=int(self.cursors[k])))
+        return plans
+
+    @staticmethod
+    def check_result(plan: ClientPlan, result: ClientResult | None) -> str:
+        """Why a result is rejected ('' = accepted)."""
+        if result is None:
+            return "no result"
+        if result.round != plan.round or result.client != plan.client:
+            return f"answered round {result.round} client {result.client}"
+        if len(result.scalars) != plan.steps or len(result.losses) != plan.steps:
+            return f"sent {len(result.scalars)} scalars for {plan.steps} steps"
+        if not all(math.isfinite(float(v)) for v in list(result.scalars) + list(result.losses)):
+            return "non-finite scalar or loss"
+        return ""
+
+    def finish_round(self, round_: int, plans: list[ClientPlan], results: list[ClientResult | None]) -> RoundOutcome:
+        """Check results, replay the accepted virtual paths, GradIP, VPCS, aggregate, account bytes."""
+        by_client = {r.client: r for r in results if r is not None}
+        accepted, rejected = [], {}
+        for plan in plans:
+            reason = self.check_result(plan, by_client.get(plan.client))
+            if reason:
+                rejected[plan.client] = reason
+            else:
+                accepted.append(plan)
+        total = float(sum(self.sizes[p.client] for p in accepted))
+        paths = [ClientPath(client=p.client, weight=float(self.sizes[p.client]) / total,
+                            seeds=p.seeds[: p.steps], scalars=[float(s) for s in by_client[p.client].scalars], lr=p.lr)
+                 for p in accepted]
+        terms = aggregation_terms(paths, self.cfg.fed.seed_sharing)
+        dots: dict[int, float] = {}
+
+        def on_z(seed: int, z: torch.Tensor) -> None:
+            if self.g_pre is not None:
+                dots[seed] = float(torch.dot(self.g_pre, z.double()))
+
+        apply_terms_(self.theta, terms, on_z)
+        rows = []
+        for path in paths:
+            grad_ips = [g * dots.get(s, math.nan) for s, g in zip(path.seeds, path.scalars)]
+            self.vp.record(path.client, grad_ips)
+            rows += [(round_, path.client, t, s, g, path.lr, path.weight, gi)
+                     for t, (s, g, gi) in enumerate(zip(path.seeds, path.scalars, grad_ips))]
+        for plan in plans:  # data consumed is consumed, accepted or not
+            self.cursors[plan.client] += plan.steps * self.cfg.data.batch_size
+        decided_now = self.vp.maybe_decide(round_)
+
+        sync = SyncMessage(round=round_, terms=terms, sharing=self.cfg.fed.seed_sharing)
+        up = sum(by_client[p.client].payload_bytes() for p in plans if p.client in by_client)
+        down = sum(p.payload_bytes() + sync.payload_bytes() for p in plans)
+        self.uplink_bytes += up
+        self.downlink_bytes += down
+        steps = sum(p.steps for p in accepted)
+        self.local_steps += steps
+        losses = [v for p in accepted for v in by_client[p.client].losses]
+        metrics = {
+            "round": round_,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "uplink_bytes": up,
+            "downlink_bytes": down,
+            "flagged_clients": list(self.vp.flagged),
+            "vp_decided": decided_now,
+            "rejected_clients": sorted(rejected),
+            "rejected_reasons": {str(k): v for k, v in sorted(rejected.items())},
+            "local_steps": steps,
+        }
+        frame = pd.DataFrame(rows, columns=["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"])
+        frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64"})
+        return RoundOutcome(metrics=metrics, path_rows=frame, sync=sync)

@@ -1,0 +1,118 @@
+"""Sparse SPSA on the masked coordinates: the client's whole computation.
+
+For a step with seed s and fp32 master values theta (length n, mask order):
+    z = randn(n) from torch.Generator("cpu").manual_seed(s)          (mask support only)
+    g = [f(theta + eps z; B) - f(theta - eps z; B)] / (2 eps)         (the projected gradient: one scalar)
+    theta <- theta - lr * g * z
+The model's own tensors (any dtype, any device) only ever *receive* theta (or theta +- eps z) cast to
+their dtype; the restore writes theta back from the master copy, never subtracts, so nothing drifts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .mask import Mask
+
+
+def perturbation(seed: int, n: int) -> torch.Tensor:
+    """z ~ N(0, I_n), float32 on the CPU, a pure function of the seed (the contract's stream)."""
+    return torch.randn(n, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+
+
+class MaskedView:
+    """Reads and writes the masked coordinates of a model's parameters, in mask order."""
+
+    def __init__(self, model: torch.nn.Module, mask: Mask):
+        self.model = model
+        params = dict(model.named_parameters())
+        self.slots = []  # (flat parameter view, indices on its device, start, end) in mask order
+        start = 0
+        for name, idx in mask.indices.items():
+            flat = params[name].data.view(-1)
+            end = start + idx.numel()
+            self.slots.append((flat, idx.to(flat.device), start, end))
+            start = end
+        self.n = start
+        self.device = self.slots[0][0].device if self.slots else torch.device("cpu")
+
+    def gather(self) -> torch.Tensor:
+        """The model's current masked values as fp32 on the CPU (mask order)."""
+        return torch.cat([flat[idx].float().cpu() for flat, idx, _, _ in self.slots])
+
+    @torch.no_grad()
+    def write_(self, theta: torch.Tensor) -> None:
+        """Set the masked coordinates to theta (fp32, length n) cast to each parameter's dtype."""
+        values = theta.to(self.device, non_blocking=True)
+        for flat, idx, start, end in self.slots:
+            flat.index_copy_(0, idx, values[start:end].to(flat.dtype))
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # [B, L] left-padded
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor          # [B] class ids
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def collate(token_lists: list[list[int]], labels: list[int], pad_id: int) -> Batch:
+    """Left-pad so that the last position of every row is the prompt's last token."""
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        att[row, width - len(tokens):] = 1
+    return Batch(ids, att, torch.tensor(labels, dtype=torch.long))
+
+
+@torch.no_grad()
+def label_logits(model: torch.nn.Module, batch: Batch, label_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the verbalizer tokens at the last position: [B, C] float32."""
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=position_ids, logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1, :].index_select(-1, label_ids).float()
+
+
+def classification_loss(model, batch: Batch, label_ids: torch.Tensor) -> float:
+    """Cross-entropy over the verbalizer logits (mean over the batch)."""
+    return float(F.cross_entropy(label_logits(model, batch, label_ids), batch.labels))
+
+
+def zo_step_(view: MaskedView, theta: torch.Tensor, seed: int, batch: Batch, label_ids: torch.Tensor,
+             eps: float, lr: float) -> tuple[float, float]:
+    """One sparse SPSA step; updates theta in place and leaves the model holding it.
+
+    Returns (scalar g, loss = mean of the two perturbed losses). A non-finite loss leaves theta
+    and the model exactly as they were and returns the non-finite values for the caller to report.
+    """
+    z = perturbation(seed, theta.numel())
+    view.write_(torch.add(theta, z, alpha=eps))
+    loss_plus = classification_loss(view.model, batch, label_ids)
+    view.write_(torch.add(theta, z, alpha=-eps))
+    loss_minus = classification_loss(view.model, batch, label_ids)
+    scalar = (loss_plus - loss_minus) / (2.0 * eps)
+    if math.isfinite(scalar):
+        theta.add_(z, alpha=-(lr * scalar))
+    view.write_(theta)
+    return scalar, 0.5 * (loss_plus + loss_minus)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[Batch], label_ids: torch.Tensor, device) -> tuple[float, float]:
+    """(accuracy, mean loss) of argmax over the verbalizer logits."""
+    correct, total, loss_sum = 0, 0, 0.0
+    for batch in batches:
+        batch = batch.to(device)
+        logits = label_logits(model, batch, label_ids)
+        correct += int((logits.argmax(-1) == batch.labels).sum())
+        loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+        total += len(batch.labels)
+    return correct / max(1, total), loss_sum / max(1, total)
