@@ -98,14 +98,18 @@ class VPState:
         if not self.decided:
             self.trajectories[client].extend(grad_ips)
 
-    def maybe_decide(self, round_: int) -> bool:
-        """Decide at the end of the first round in which every client has a full calibration trajectory."""
+    def maybe_decide(self, round_: int, local_steps: int) -> bool:
+        """Decide after the first round by which every client could have run `calib_steps` steps.
+
+        Clients whose trajectory is still short then (their results were rejected) are not flagged."""
         if self.decided or not self.cfg.enabled:
             return False
         steps = self.cfg.calib_steps
-        if any(len(v) < steps for v in self.trajectories.values()):
+        if round_ * local_steps < steps:
             return False
-        window = {k: np.asarray(v[:steps]) for k, v in self.trajectories.items()}
+        window = {k: np.asarray(v[:steps]) for k, v in self.trajectories.items() if len(v) >= steps}
+        if not window:
+            return False
         self.stats = vpcs_statistics(window, self.cfg)
         self.flagged = self.policy.select(self.stats, self.cfg, self.rng)
         self.decided_round = round_

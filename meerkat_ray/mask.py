@@ -158,9 +158,11 @@ def top_k_mask(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tenso
 
 
 def fingerprint(lm: LoadedModel, params, cfg: MaskConfig, seed: int, need_g_pre: bool) -> str:
-    first = params[0][1].detach().reshape(-1)[:1_000_000].float().cpu().numpy().tobytes()
+    weights = hashlib.sha256()
+    for _, p in params:  # every 257th weight of every eligible tensor: cheap, and any re-export changes it
+        weights.update(p.detach().reshape(-1)[::257].float().cpu().numpy().tobytes())
     key = {
-        "model": lm.fingerprint, "weights": hashlib.sha256(first).hexdigest()[:16],
+        "model": lm.fingerprint, "weights": weights.hexdigest()[:16],
         "shapes": [[n, list(p.shape)] for n, p in params], "kind": cfg.kind, "density": cfg.density,
         "eligible": cfg.eligible, "seed": seed if cfg.kind == "random" else None,
     }

@@ -129,7 +129,9 @@ def _tiny_model(name: str, seed: int, tokenizer):
 def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
     """Model in eval mode on the configured device and dtype, plus its tokenizer (left padding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress output is per round
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)

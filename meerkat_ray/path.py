@@ -92,8 +92,21 @@ def paths_from_frame(rows: pd.DataFrame) -> list[ClientPath]:
     return out
 
 
-def replay_path(theta_init: torch.Tensor, path: pd.DataFrame, sharing: str) -> torch.Tensor:
-    """sparse_final from sparse_init and path.parquet alone."""
+def infer_sharing(rows: pd.DataFrame) -> str:
+    """`round` when every step index carries one seed for all clients of a round, else `client`.
+
+    With a single client per round both modes give the same terms, so the answer cannot matter."""
+    seeds_per_step = rows.groupby(["round", "step"])["seed"].nunique()
+    return "round" if bool((seeds_per_step == 1).all()) else "client"
+
+
+def replay_path(theta_init: torch.Tensor, path: pd.DataFrame, sharing: str | None = None) -> torch.Tensor:
+    """sparse_final from sparse_init and path.parquet alone (the sharing mode is read off the seeds).
+
+    The exact operation, per term: `theta.add_(z, alpha=-(lr * coef))` on float32 CPU tensors, with
+    lr * coef computed in float64; another rounding order (e.g. `theta - lr*coef*z`) differs in the
+    last bit of some coordinates."""
+    sharing = sharing or infer_sharing(path)
     theta = theta_init.clone()
     for _, rows in path.groupby("round", sort=True):
         apply_terms_(theta, aggregation_terms(paths_from_frame(rows), sharing))

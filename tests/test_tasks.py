@@ -166,7 +166,7 @@ def test_tweets_balanced_disjoint_and_capped(tweets):
     assert len(tweets.train_texts) > 15_000  # ~6.7k of each class after dedup and balancing
     assert not set(tweets.train_texts) & set(tweets.test_texts)
     assert len(set(tweets.train_texts)) == len(tweets.train_texts)
-    assert all(t.endswith("\nAnswer:") for t in tweets.test_texts)
+    assert all(t.startswith("Tweet: ") and t.endswith("\nSentiment:") for t in tweets.test_texts)
 
 
 def test_tweets_deterministic(tweets):
