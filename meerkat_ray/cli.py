@@ -1,4 +1,4 @@
-"""`meerkat-ray run | export` (also `python -m meerkat_ray`).
+"""`meerkat-ray run | tune | export` (also `python -m meerkat_ray`).
 
 Bad input exits with status 2 and one `error: ...` line on stderr naming the key or path, before
 any model or cluster starts.
@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune = sub.add_parser("tune", help="run a Ray Tune sweep: a base config, a grid of keys, Tune settings")
+    tune.add_argument("items", nargs="+", metavar="SWEEP.yaml [key=value ...]",
+                      help="overrides: tune.K=V, grid.K=[...], base.K=V or K=V (a base key)")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep in its sweep folder")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder of the same name")
+    tune.add_argument("--quiet", action="store_true", help="no progress output")
     export = sub.add_parser("export", help="write a Hugging Face model folder with the fine-tuned values")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -51,6 +57,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .errors import ConfigError
+    from .sweep import load_sweep
+
+    path, overrides = split_items(args.items)
+    if path is None:
+        raise ConfigError("tune: the first argument must be a sweep file (SWEEP.yaml)")
+    sweep = load_sweep(path, overrides)  # every grid point validated before Ray starts
+    if args.resume and args.overwrite:
+        raise ConfigError("tune: --resume and --overwrite exclude each other")
+    from .tune import run_sweep
+
+    table = run_sweep(sweep, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    failed = int((table["status"] == "error").sum())
+    unfinished = int((table["status"] == "stopped").sum()) if sweep.tune.scheduler == "none" else 0
+    if failed:
+        print(f"error: {failed} of {len(table)} trials failed (their error.txt is in {sweep.folder / 'tune'}/<trial>/)",
+              file=sys.stderr)
+        return 1
+    if unfinished:
+        print(f"error: interrupted with {unfinished} trials unfinished; the same command with --resume continues them",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 def cmd_export(args) -> int:
     from .runner import export_model
 
@@ -59,7 +91,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export}
+COMMANDS = {"run": cmd_run, "tune": cmd_tune, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

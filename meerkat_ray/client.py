@@ -66,17 +66,26 @@ class ClientWorker:
         self.synced_round = msg.round
         self.view.write_(self.theta_global)
 
+    def restore(self, theta: torch.Tensor, round_: int) -> None:
+        """Continue from a checkpoint: `theta` are the global values after round `round_`."""
+        self.theta_global = theta.clone()
+        self.synced_round = round_
+        self.view.write_(self.theta_global)
+
     def run(self, plan: ClientPlan) -> ClientResult:
         """Run one virtual client's local steps from the current global values."""
         start = time.perf_counter()
         theta = self.theta_global.clone()
         scalars, losses = [], []
-        for t, seed in enumerate(plan.seeds[: plan.steps]):
-            batch = self.data.batch(plan.client, plan.cursor + t * self.batch_size, self.batch_size).to(self.device)
-            scalar, loss = zo_step_(self.view, theta, seed, batch, self.label_ids, self.eps, plan.lr)
-            scalars.append(scalar)
-            losses.append(loss)
-        self.view.write_(self.theta_global)
+        try:
+            for t, seed in enumerate(plan.seeds[: plan.steps]):
+                batch = self.data.batch(plan.client, plan.cursor + t * self.batch_size, self.batch_size)
+                scalar, loss = zo_step_(self.view, theta, seed, batch.to(self.device), self.label_ids,
+                                        self.eps, plan.lr)
+                scalars.append(scalar)
+                losses.append(loss)
+        finally:  # the model must never be left holding a perturbed or local point
+            self.view.write_(self.theta_global)
         self.last_theta = theta  # the client's final local values (tests compare them with the server's replay)
         return ClientResult(round=plan.round, client=plan.client, scalars=scalars, losses=losses,
                             worker=self.name, compute_s=time.perf_counter() - start)

@@ -6,16 +6,18 @@ worker. The local runner and every Ray actor build their pieces with these same 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .client import ClientData, ClientWorker
 from .config import Config
-from .errors import MeerkatError
+from .errors import ConfigError, MeerkatError
 from .mask import Mask, get_mask
-from .models import LoadedModel, load_model
+from .models import TINY_CONFIGS, LoadedModel, _in_hub_cache, _smollm2_folder, load_model
 from .partition import Partition, make_partition
 from .tasks import TaskData, load_task
 from .zo import Batch, MaskedView, collate
@@ -72,12 +74,30 @@ def test_batches(tokenizer, task: TaskData, cfg: Config) -> list[Batch]:
             for chunk in (order[j: j + size] for j in range(0, len(order), size))]
 
 
-def prepare_model(cfg: Config, progress: bool = True) -> tuple[LoadedModel, Mask, torch.Tensor]:
-    """Model, mask (cached on disk) and the initial masked values theta_0 (fp32, mask order)."""
-    lm = load_model(cfg.model, cfg.seed)
+def check_model(cfg: Config) -> None:
+    """Refuse a model that `load_model` could not find, without loading it (before any cluster starts)."""
+    name = cfg.model.name
+    if name == "smollm2-135m":
+        _smollm2_folder()
+    elif name in TINY_CONFIGS:
+        return
+    elif Path(name).expanduser().exists():
+        if not (Path(name).expanduser() / "config.json").is_file():
+            raise ConfigError(f"model.name: {name} is not a Hugging Face model folder (no config.json)")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name):
+        raise ConfigError(f"model.name: {name!r} is not a built-in name, a local folder, or a hub model available offline")
+
+
+def prepare_mask(cfg: Config, lm: LoadedModel, progress: bool = True) -> tuple[Mask, torch.Tensor]:
+    """Mask (cached on disk) and the initial masked values theta_0 (fp32, mask order)."""
     mask = get_mask(lm, cfg.mask, cfg.seed, need_g_pre=cfg.vp.enabled, progress=progress)
-    theta = MaskedView(lm.model, mask).gather()
-    return lm, mask, theta
+    return mask, MaskedView(lm.model, mask).gather()
+
+
+def prepare_model(cfg: Config, progress: bool = True) -> tuple[LoadedModel, Mask, torch.Tensor]:
+    """Model, mask and theta_0."""
+    lm = load_model(cfg.model, cfg.seed)
+    return (lm, *prepare_mask(cfg, lm, progress))
 
 
 def build_worker(cfg: Config, data: DataSetup, lm: LoadedModel, mask: Mask, theta: torch.Tensor,

@@ -1,8 +1,9 @@
 """One federated experiment: set-up, the round loop, the run folder, the summary.
 
-The round loop is written once (`federate`); where clients run is an *executor*:
-`LocalExecutor` runs them one after another in this process (ray.backend=local); the Ray
-executor spreads them over client actors. Per round:
+The round loop is written once (`federate`); where clients and server run is an *executor*:
+`LocalExecutor` runs the clients one after another in this process and the server is a local
+object (ray.backend=local); `federation.RayExecutor` spreads the clients over client actors and
+hosts the server in a server actor, reached through a proxy with the same methods. Per round:
     plans = server.plan_round(r) -> results = executor.run_clients(plans)
     -> server.finish_round (checks, replay, GradIP, VPCS, aggregation, bytes) -> executor.sync(terms)
     -> evaluation every `fed.eval_every` rounds -> metrics.jsonl / path.parquet.
@@ -17,10 +18,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .checkpoint import RunCheckpoint
 from .client import ClientWorker
 from .config import Config, to_dict
 from .errors import MeerkatError
-from .experiment import DataSetup, build_worker, prepare_data, prepare_model, test_batches
+from .experiment import DataSetup, build_worker, check_model, prepare_data, prepare_model, test_batches
 from .gradip import flag_quality
 from .mask import save_mask
 from .runlog import RunWriter, save_theta, write_json
@@ -33,6 +35,12 @@ class LocalExecutor:
     def __init__(self, worker: ClientWorker, eval_batches):
         self.worker, self.eval_batches = worker, eval_batches
 
+    def make_server(self, cfg: Config, theta: torch.Tensor, g_pre, client_sizes: list[int]) -> Server:
+        return Server(cfg, theta, g_pre, client_sizes)
+
+    def local_server(self, server: Server) -> Server:
+        return server
+
     def run_clients(self, plans, on_result=None):
         results = []
         for plan in plans:
@@ -43,6 +51,9 @@ class LocalExecutor:
 
     def sync(self, msg) -> None:
         self.worker.sync(msg)
+
+    def restore(self, theta: torch.Tensor, round_: int) -> None:
+        self.worker.restore(theta, round_)
 
     def evaluate(self) -> tuple[float, float]:
         return self.worker.evaluate(self.eval_batches)
@@ -66,16 +77,24 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
     return run_dir
 
 
-def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress: bool = True) -> dict:
-    """The round loop. Returns the last evaluation (accuracy, loss) and timing."""
-    acc0, loss0 = executor.evaluate()
-    writer.add_round({"round": 0, "accuracy": acc0, "test_loss": loss0, "uplink_bytes": 0, "downlink_bytes": 0,
-                      "flagged_clients": [], "wall_s": 0.0}, None)
-    if progress:
-        print(f"round 0 (zero-shot): accuracy {acc0:.3f}  test loss {loss0:.4f}", flush=True)
-    last = {"accuracy": acc0, "test_loss": loss0, "zero_shot_accuracy": acc0, "best_accuracy": acc0}
+def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress: bool = True,
+             on_round=None, resume: RunCheckpoint | None = None) -> dict:
+    """The round loop. Returns the last evaluation (accuracy, loss) and timing.
+
+    `on_round(round, metrics, last, server)` runs after each round's files are written (Tune
+    reports and checkpoints there); `resume` continues after the checkpoint's round.
+    """
+    if resume is None:
+        acc0, loss0 = executor.evaluate()
+        writer.add_round({"round": 0, "train_loss": None, "accuracy": acc0, "test_loss": loss0, "uplink_bytes": 0,
+                          "downlink_bytes": 0, "flagged_clients": [], "wall_s": 0.0}, None)
+        if progress:
+            print(f"round 0 (zero-shot): accuracy {acc0:.3f}  test loss {loss0:.4f}", flush=True)
+        last = {"accuracy": acc0, "test_loss": loss0, "zero_shot_accuracy": acc0, "best_accuracy": acc0}
+    else:
+        last = dict(resume.last)
     start = time.perf_counter()
-    for r in range(1, cfg.fed.rounds + 1):
+    for r in range((resume.round if resume else 0) + 1, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
         plans = server.plan_round(r)
         bar = tqdm(total=sum(p.steps for p in plans), desc=f"round {r}/{cfg.fed.rounds}", unit="step",
@@ -94,6 +113,8 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
         bar.set_postfix(loss=_fmt(metrics.get("train_loss")), acc=_fmt(metrics.get("accuracy")),
                         flagged=len(metrics["flagged_clients"]))
         bar.close()
+        if on_round:
+            on_round(r, metrics, last, server)
     last["train_wall_s"] = time.perf_counter() - start
     return last
 
@@ -104,40 +125,65 @@ def _fmt(value) -> str:
 
 def make_executor(cfg: Config, data: DataSetup, progress: bool):
     """Model, mask and theta_0 for the server, plus the executor that runs the clients."""
-    lm, mask, theta = prepare_model(cfg, progress=progress)
-    if cfg.ray.backend == "ray":
-        from .federation import RayExecutor  # Ray stays out of the pure core
+    if cfg.ray.backend == "ray":  # the model is loaded by the client actors only, the mask made by actor 0
+        from .federation import RayExecutor, connect, disconnect, federation_demand  # Ray stays out of the pure core
 
-        return mask, theta, RayExecutor(cfg, data, mask, theta, test_batches(lm.tokenizer, data.task, cfg))
+        check_model(cfg)
+        connect(cfg.ray, *federation_demand(cfg), progress=progress)
+        try:
+            executor = RayExecutor(cfg, data)
+        except BaseException:
+            disconnect()
+            raise
+        return executor.mask, executor.theta0, executor
+    lm, mask, theta = prepare_model(cfg, progress=progress)
     worker = build_worker(cfg, data, lm, mask, theta)
     return mask, theta, LocalExecutor(worker, test_batches(lm.tokenizer, data.task, cfg))
 
 
-def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run one federated experiment end to end and write its run folder. Returns summary.json."""
-    t_start = time.perf_counter()
-    data = prepare_data(cfg)                      # bad data input fails here, before any model
-    if cfg.run_dir.exists() and not overwrite:
-        raise MeerkatError(f"{cfg.run_dir}: run folder already exists (use --overwrite to replace it)")
-    mask, theta0, executor = make_executor(cfg, data, progress)
+def open_run_dir(cfg: Config, data: DataSetup, mask, theta0: torch.Tensor, overwrite: bool,
+                 resume: RunCheckpoint | None) -> RunWriter:
+    """A new run folder with its set-up files, or (resume) the existing one cut back to the checkpoint."""
+    if resume is not None:
+        return resume.reopen_writer(cfg.run_dir)
     run_dir = prepare_run_dir(cfg, overwrite)
     writer = RunWriter(run_dir)
     writer.write_config(to_dict(cfg))
     save_mask(mask, run_dir / "mask.safetensors")
     save_theta(run_dir / "sparse_init.safetensors", theta0)
     write_json(run_dir / "clients.json", data.client_table())
-    if progress:
-        sizes = data.client_sizes
-        print(f"{cfg.name}: {cfg.model.name} on {cfg.data.task}, {len(sizes)} clients ({cfg.data.partition}, "
-              f"sizes {min(sizes)}-{max(sizes)}, extreme {data.extreme_clients}), mask {cfg.mask.kind} "
-              f"u={cfg.mask.density:g} n={mask.n:,}, R={cfg.fed.rounds} T={cfg.fed.local_steps}", flush=True)
-    server = Server(cfg, theta0, mask.pretrain_grad, data.client_sizes)
+    return writer
+
+
+def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, on_round=None,
+                   resume: RunCheckpoint | None = None) -> dict:
+    """Run one federated experiment end to end and write its run folder. Returns summary.json.
+
+    `on_round` is handed to `federate`; `resume` continues an interrupted run from a checkpoint.
+    """
+    t_start = time.perf_counter()
+    data = prepare_data(cfg)                      # bad data input fails here, before any model
+    if resume is None and cfg.run_dir.exists() and not overwrite:
+        raise MeerkatError(f"{cfg.run_dir}: run folder already exists (use --overwrite to replace it)")
+    mask, theta0, executor = make_executor(cfg, data, progress)
     try:
-        last = federate(cfg, server, executor, writer, progress)
+        writer = open_run_dir(cfg, data, mask, theta0, overwrite, resume)
+        if progress:
+            sizes = data.client_sizes
+            print(f"{cfg.name}: {cfg.model.name} on {cfg.data.task}, {len(sizes)} clients ({cfg.data.partition}, "
+                  f"sizes {min(sizes)}-{max(sizes)}, extreme {data.extreme_clients}), mask {cfg.mask.kind} "
+                  f"u={cfg.mask.density:g} n={mask.n:,}, R={cfg.fed.rounds} T={cfg.fed.local_steps}", flush=True)
+        server = executor.make_server(cfg, theta0, mask.pretrain_grad, data.client_sizes)
+        if resume is not None:
+            server.load_state(resume.server, resume.theta)
+            executor.restore(resume.theta, resume.round)
+        last = federate(cfg, server, executor, writer, progress, on_round, resume)
+        server = executor.local_server(server)  # the final state, in this process
         if not torch.equal(executor.global_theta(), server.theta):
             raise RuntimeError("client workers and server disagree on the global values")
     finally:
         executor.close()
+    run_dir = writer.dir
     save_theta(run_dir / "sparse_final.safetensors", server.theta)
     summary = {
         "name": cfg.name,

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from .config import Config
-from .gradip import VPState
+from .gradip import VPCSStats, VPState
 from .messages import ClientPlan, ClientResult, SyncMessage
 from .path import ClientPath, aggregation_terms, apply_terms_, step_seeds
 
@@ -34,6 +34,35 @@ class Server:
         self.uplink_bytes = 0
         self.downlink_bytes = 0
         self.local_steps = 0
+
+    def state_dict(self) -> tuple[dict, torch.Tensor]:
+        """What a resumed run needs besides the config: JSON-able counters and VPCS state, and theta."""
+        vp, steps = self.vp, self.cfg.vp.calib_steps
+        return {
+            "cursors": self.cursors.tolist(),
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "local_steps": self.local_steps,
+            "vp": {  # a decision reads only the first calib_steps of each trajectory
+                "trajectories": {str(k): [float(v) for v in t[:steps]] for k, t in vp.trajectories.items()},
+                "flagged": list(vp.flagged),
+                "stats": {str(k): vars(s) for k, s in vp.stats.items()},
+                "decided_round": vp.decided_round,
+                "rng": vp.rng.bit_generator.state,
+            },
+        }, self.theta.clone()
+
+    def load_state(self, state: dict, theta: torch.Tensor) -> None:
+        self.theta = theta.clone()
+        self.cursors = np.asarray(state["cursors"], dtype=np.int64)
+        self.uplink_bytes, self.downlink_bytes = state["uplink_bytes"], state["downlink_bytes"]
+        self.local_steps = state["local_steps"]
+        vp = state["vp"]
+        self.vp.trajectories = {int(k): list(t) for k, t in vp["trajectories"].items()}
+        self.vp.flagged = list(vp["flagged"])
+        self.vp.stats = {int(k): VPCSStats(**s) for k, s in vp["stats"].items()}
+        self.vp.decided_round = vp["decided_round"]
+        self.vp.rng.bit_generator.state = vp["rng"]
 
     @property
     def num_clients(self) -> int:
@@ -63,7 +92,11 @@ class Server:
             return f"answered round {result.round} client {result.client}"
         if len(result.scalars) != plan.steps or len(result.losses) != plan.steps:
             return f"sent {len(result.scalars)} scalars for {plan.steps} steps"
-        if not all(math.isfinite(float(v)) for v in list(result.scalars) + list(result.losses)):
+        try:
+            finite = all(math.isfinite(float(v)) for v in list(result.scalars) + list(result.losses))
+        except (TypeError, ValueError):
+            return "non-numeric scalar or loss"
+        if not finite:
             return "non-finite scalar or loss"
         return ""
 
@@ -97,7 +130,7 @@ class Server:
                      for t, (s, g, gi) in enumerate(zip(path.seeds, path.scalars, grad_ips))]
         for plan in plans:  # data consumed is consumed, accepted or not
             self.cursors[plan.client] += plan.steps * self.cfg.data.batch_size
-        decided_now = self.vp.maybe_decide(round_)
+        decided_now = self.vp.maybe_decide(round_, self.cfg.fed.local_steps)
 
         sync = SyncMessage(round=round_, terms=terms, sharing=self.cfg.fed.seed_sharing)
         up = sum(by_client[p.client].payload_bytes() for p in plans if p.client in by_client)

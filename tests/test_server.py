@@ -209,7 +209,7 @@ def test_vpcs_statistics_on_hand_computed_trajectories():
 def test_vp_state_decides_once_after_calibration_without_waiting_for_a_rejected_client():
     rng, t = np.random.default_rng(1), np.arange(60)
     series = {0: oscillating(t, rng), 1: decaying(t, rng), 2: oscillating(t, rng, 2.0)}
-    state = VPState(VPConfig(), num_clients=3, seed=0)
+    state = VPState(VPConfig(calib_steps=50), num_clients=3, seed=0)
     for r, lo in enumerate(range(0, 60, 10), start=1):  # rounds of T = 10 steps
         for k in (0, 1, 2):
             if not (k == 2 and r == 5):  # client 2's round-5 result was rejected: 40 steps only

@@ -1,0 +1,236 @@
+"""`meerkat-ray tune`: a grid of federations run by Ray Tune.
+
+Each trial is one federation (`runner.run_experiment`) inside its own placement group, laid out by
+`federation.trial_bundles`: the trial's driver, its server actor and its client actors (with
+ray.backend=local, one bundle in which the trial runs its clients itself). After every round the
+trial reports its metrics and checkpoints its state (`checkpoint.RunCheckpoint`: counters, VPCS
+state and the n masked values); `--resume` restores an interrupted sweep and continues every
+unfinished trial after its last checkpointed round.
+
+Sweep folder (<tune.output_dir>/<tune.name>/):
+    sweep.yaml                      the resolved base, grid and Tune settings
+    runs/<trial>/                   each trial's run folder (config.yaml, metrics.jsonl, path.parquet, ...)
+    tune/                           Ray Tune's experiment: per trial progress.csv, result.json,
+                                    TensorBoard event files and checkpoints (`tensorboard --logdir tune`)
+    results.parquet, results.csv    one row per trial: grid values, final / best accuracy, bytes, flagged clients
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from .checkpoint import RunCheckpoint
+from .config import Config, set_dotted
+from .errors import MeerkatError
+from .experiment import check_model, prepare_data
+from .federation import connect, disconnect, federation_demand, trial_bundles
+from .runlog import write_text
+from .runner import run_experiment
+from .sweep import Sweep, point_config, point_tag
+
+EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep folder
+# Trials checkpoint every round by design; Tune's warning about frequent experiment snapshots is noise here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+# ----------------------------------------------------------------------------- one trial
+
+def trial_name(trial_id: str, point: dict) -> str:
+    tag = re.sub(r"[^\w.=+,-]", "-", point_tag(point))  # model ids carry a "/"
+    return f"{trial_id}_{tag}" if tag else trial_id
+
+
+def trial_config(base: dict, point: dict, runs_dir: str, trial_id: str) -> Config:
+    data = dict(base)
+    set_dotted(data, "name", trial_name(trial_id, point))
+    set_dotted(data, "output_dir", runs_dir)
+    return point_config(data, point)
+
+
+def run_trial(params: dict, base: dict, runs_dir: str) -> None:
+    """The Tune trainable: one federation that reports and checkpoints after every round."""
+    cfg = trial_config(base, params, runs_dir, tune.get_context().get_trial_id())
+    if cfg.ray.backend == "local":  # the clients run in this process: one thread per CPU of its bundle
+        torch.set_num_threads(cfg.model.num_threads or max(1, int(cfg.ray.cpus_per_client)))
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None and (cfg.run_dir / "metrics.jsonl").is_file():
+        with checkpoint.as_directory() as folder:
+            resume = RunCheckpoint.load(folder)
+    run_experiment_with_reports(cfg, resume)
+
+
+def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> None:
+    """Reports and checkpoints after every round; the last round's once the run folder is complete
+    (a scheduler stops a trial as soon as it reports its last round)."""
+    final = []
+
+    def report(metrics: dict, checkpoint: RunCheckpoint) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint.save(folder)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    def on_round(round_: int, metrics: dict, last: dict, server) -> None:
+        state, theta = server.state_dict()
+        flagged = state["vp"]["flagged"]
+        values = {
+            "round": round_,
+            "accuracy": last["accuracy"],            # the latest evaluation
+            "best_accuracy": last["best_accuracy"],
+            "zero_shot_accuracy": last["zero_shot_accuracy"],
+            "test_loss": last["test_loss"],
+            "train_loss": float("nan") if metrics.get("train_loss") is None else metrics["train_loss"],
+            "uplink_bytes": state["uplink_bytes"],
+            "downlink_bytes": state["downlink_bytes"],
+            "num_flagged": len(flagged),
+            "flagged_clients": ",".join(str(k) for k in flagged),  # a string: TensorBoard skips it
+            "run_dir": str(cfg.run_dir),
+        }
+        checkpoint = RunCheckpoint(round_, dict(last), state, theta)
+        if round_ < cfg.fed.rounds:
+            report(values, checkpoint)
+        else:
+            final.append((values, checkpoint))
+
+    run_experiment(cfg, overwrite=True, progress=False, on_round=on_round, resume=resume)
+    for values, checkpoint in final:
+        report(values, checkpoint)
+
+
+def trial_resources(base: dict, params: dict) -> tune.PlacementGroupFactory:
+    return tune.PlacementGroupFactory(trial_bundles(point_config(base, params)))
+
+
+def trial_dirname(trial) -> str:
+    return trial_name(trial.trial_id, trial.config)
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def preflight(sweep: Sweep) -> None:
+    """Model names and data of every grid point, checked before Ray starts (no model is loaded)."""
+    checked = set()
+    for cfg in sweep.configs:
+        for key, check in ((cfg.model.name, check_model), ((cfg.seed, repr(cfg.data)), prepare_data)):
+            if key not in checked:
+                checked.add(key)
+                check(cfg)
+
+
+def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
+    folder = sweep.folder
+    if resume:
+        if not tune.Tuner.can_restore(str(folder / EXPERIMENT)):
+            raise MeerkatError(f"{folder}: no interrupted sweep to resume there")
+        stored = yaml.safe_load((folder / "sweep.yaml").read_text())
+        if {"base": stored["base"], "grid": stored["grid"]} != sweep.spec():
+            raise MeerkatError(f"{folder / 'sweep.yaml'}: base or grid differ from the sweep being resumed")
+        return folder
+    if folder.exists():
+        if not overwrite:
+            raise MeerkatError(f"{folder}: sweep folder already exists (--resume continues it, --overwrite replaces it)")
+        if not (folder / "sweep.yaml").is_file() and any(folder.iterdir()):
+            raise MeerkatError(f"{folder}: exists and is not a sweep folder; refusing to overwrite it")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    spec = {**sweep.spec(), "tune": dataclasses.asdict(sweep.tune), "source": sweep.source}
+    write_text(folder / "sweep.yaml", yaml.safe_dump(spec, sort_keys=False))
+    return folder
+
+
+def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=sweep.base, runs_dir=str(folder / "runs")),
+        resources=functools.partial(trial_resources, sweep.base))
+    if resume:
+        return tune.Tuner.restore(str(folder / EXPERIMENT), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    t = sweep.tune
+    scheduler = None
+    if t.scheduler == "asha":
+        max_t = t.asha.max_t or max(cfg.fed.rounds for cfg in sweep.configs)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=t.asha.grace_period,
+                                  reduction_factor=t.asha.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space={key: tune.grid_search(values) for key, values in sweep.grid.items()},
+        tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                                    max_concurrent_trials=t.max_concurrent_trials or None, scheduler=scheduler,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder), verbose=1 if progress else 0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def results_table(sweep: Sweep, results) -> pd.DataFrame:
+    """One row per trial: its grid values, how far it got, accuracy, bytes and flagged clients."""
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        point = {key: result.config.get(key) for key in sweep.grid}
+        rounds = point_config(sweep.base, point).fed.rounds
+        done = int(m.get("round", 0))
+        up, down = m.get("uplink_bytes"), m.get("downlink_bytes")
+        rows.append({
+            "trial_id": m.get("trial_id") or Path(result.path).name,
+            **point,
+            "status": "error" if result.error else ("done" if done >= rounds else "stopped"),
+            "rounds_done": done,
+            "final_accuracy": m.get("accuracy"),
+            "best_accuracy": m.get("best_accuracy"),
+            "zero_shot_accuracy": m.get("zero_shot_accuracy"),
+            "final_test_loss": m.get("test_loss"),
+            "uplink_bytes": up,
+            "downlink_bytes": down,
+            "total_bytes": None if up is None else up + down,
+            "num_flagged": m.get("num_flagged"),
+            "flagged_clients": [int(k) for k in str(m.get("flagged_clients") or "").split(",") if k],
+            **flagging(m.get("run_dir")),
+            "run_dir": m.get("run_dir"),
+        })
+    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+
+
+def flagging(run_dir: str | None) -> dict:
+    """Flagging precision / recall from a finished trial's summary.json (where this machine sees it)."""
+    path = Path(run_dir) / "summary.json" if run_dir else None
+    quality = json.loads(path.read_text()).get("flagging") if path and path.is_file() else None
+    quality = quality or {}
+    return {"flag_precision": quality.get("precision"), "flag_recall": quality.get("recall")}
+
+
+def write_results(table: pd.DataFrame, folder: Path) -> None:
+    table.to_parquet(folder / "results.parquet", index=False)
+    csv = table.assign(flagged_clients=[" ".join(map(str, v)) for v in table["flagged_clients"]])
+    csv.to_csv(folder / "results.csv", index=False)
+
+
+def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Run (or resume) a validated sweep; returns the results table also written to the sweep folder."""
+    preflight(sweep)
+    folder = open_sweep_folder(sweep, resume, overwrite)
+    demand = [federation_demand(cfg) for cfg in sweep.configs]
+    connect(sweep.configs[0].ray, max(c for c, _ in demand), max(g for _, g in demand), progress=progress)
+    try:
+        results = make_tuner(sweep, folder, resume, progress).fit()
+    finally:
+        disconnect()
+    table = results_table(sweep, results)
+    write_results(table, folder)
+    if progress:
+        shown = [c for c in table.columns if c not in ("run_dir", "trial_id")]
+        print(f"\n{len(table)} trials -> {folder / 'results.csv'}")
+        print(table[shown].to_string(index=False))
+    return table

@@ -1,0 +1,161 @@
+"""Federation on a real local Ray cluster (one per session, `ray_cluster` in conftest.py):
+ray.backend=ray against ray.backend=local bit for bit, fractional-GPU packing, a lost actor, and
+1,000 virtual clients on 2 actors with actor memory that does not grow with the client count."""
+
+import time
+
+import pytest
+import torch
+
+from meerkat_ray.config import load_config
+from meerkat_ray.experiment import build_worker, prepare_data, prepare_model
+from meerkat_ray.runlog import load_theta, read_metrics, read_path
+from meerkat_ray.runner import run_experiment
+from meerkat_ray.server import Server
+
+TINY = ["model.name=tiny-llama", "data.task=tweets2", "data.max_length=32", "data.num_test=32",
+        "mask.calib_num_seqs=2", "mask.calib_seq_len=32", "mask.cache=false"]
+RUN = TINY + ["data.num_train=120", "data.num_clients=5", "data.partition=mixed", "data.batch_size=4",
+              "mask.density=0.01", "zo.lr=1e-2", "fed.rounds=2", "fed.local_steps=3", "vp.calib_steps=3",
+              "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0"]  # VPCS flags clients after round 1
+
+
+def config(*overrides):
+    return load_config(None, [*RUN, *overrides])
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    run_experiment(config("ray.backend=local", "model.num_threads=1", "name=local", f"output_dir={root}"),
+                   progress=False)
+    return root / "local"
+
+
+def run_as_a_tune_trial(ray, cfg):
+    """Run a federation where a Tune trial would: in a placement group laid out by `trial_bundles`,
+    from a task in bundle 0 whose child actors the group captures."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from meerkat_ray.federation import CONTROL_CPUS, RayExecutor, trial_bundles
+
+    @ray.remote
+    def trial(cfg):
+        assert RayExecutor._own_placement_group(cfg) is not None  # actors go to bundles 1 (server), 2.. (clients)
+        return run_experiment(cfg, progress=False)
+
+    pg = placement_group(trial_bundles(cfg))
+    try:
+        ray.get(pg.ready(), timeout=60)
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
+                                                    placement_group_capture_child_tasks=True)
+        return ray.get(trial.options(num_cpus=CONTROL_CPUS, scheduling_strategy=strategy).remote(cfg), timeout=300)
+    finally:
+        remove_placement_group(pg)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("num_actors,as_trial", [(1, True), (2, False)], ids=["1-actor-in-trial-pg", "2-actors"])
+def test_ray_backend_is_bit_identical_to_local(ray_cluster, local_run, tmp_path, num_actors, as_trial):
+    cfg = config("ray.backend=ray", f"ray.num_actors={num_actors}", "ray.cpus_per_client=0.5", "name=ray",
+                 f"output_dir={tmp_path}")
+    summary = run_as_a_tune_trial(ray_cluster, cfg) if as_trial else run_experiment(cfg, progress=False)
+    run = tmp_path / "ray"
+    assert torch.equal(load_theta(run / "sparse_final.safetensors"), load_theta(local_run / "sparse_final.safetensors"))
+    assert read_path(run).equals(read_path(local_run))
+    timeless = [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(run)]
+    assert timeless == [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(local_run)]
+    assert summary["flagged_clients"]  # the server actor ran VPCS: flagged clients ran 1 step in round 2
+    assert ray_cluster.is_initialized()  # the session's cluster was used, not replaced or shut down
+
+
+@pytest.fixture(scope="module")
+def round_one():
+    """Round-1 plans of a 16-client federation and the results of an in-process worker."""
+    cfg = config("data.num_clients=16", "ray.backend=ray", "ray.num_actors=8", "ray.gpus_per_client=0.25",
+                 "ray.cpus_per_client=0.125")
+    data = prepare_data(cfg)
+    lm, mask, theta = prepare_model(cfg, progress=False)
+    plans = Server(cfg, theta, mask.pretrain_grad, data.client_sizes).plan_round(1)
+    worker = build_worker(cfg, data, lm, mask, theta)
+    return cfg, data, mask, theta, plans, [worker.run(p) for p in plans]
+
+
+@pytest.mark.ray
+def test_eight_actors_share_two_gpus_and_serve_a_queue(ray_cluster, round_one):
+    from meerkat_ray.federation import RayExecutor
+
+    cfg, data, mask, theta, plans, expected = round_one
+    executor = RayExecutor(cfg, data)
+    try:
+        assert torch.equal(executor.theta0, theta)  # actor 0's mask pass = this process's
+        assert all(torch.equal(executor.mask.indices[k], v) for k, v in mask.indices.items())
+        infos = executor.actor_info()  # every actor answers: all 8 are alive at the same time
+        assert len({i["pid"] for i in infos}) == 8
+        gpu_ids = sorted(i["gpu_ids"][0] for i in infos)
+        assert gpu_ids == ["0"] * 4 + ["1"] * 4  # 4 x 0.25 of each logical GPU
+        assert ray_cluster.available_resources().get("GPU", 0.0) == 0.0
+        assert all(i["device"] == "cpu" for i in infos)  # logical GPUs: the models stay on the CPU
+
+        results = executor.run_clients(plans)
+        assert {r.worker for r in results} == {f"client-actor-{i}" for i in range(8)}  # all served clients
+        assert [(r.client, r.scalars, r.losses) for r in results] == [(r.client, r.scalars, r.losses) for r in expected]
+
+        for actor in executor.actors[:3]:  # lose three actors: their queued clients go to the others
+            ray_cluster.kill(actor)
+        again = executor.run_clients(plans)
+        assert len(executor.actors) == 5
+        assert [(r.client, r.scalars) for r in again] == [(r.client, r.scalars) for r in expected]
+    finally:
+        executor.close()
+    deadline = time.monotonic() + 20
+    while ray_cluster.available_resources().get("GPU", 0.0) < 2.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_cluster.available_resources().get("GPU", 0.0) == 2.0  # released by close()
+
+
+@pytest.mark.ray
+def test_a_thousand_virtual_clients_on_two_actors(ray_cluster):
+    """1,000 clients of 2 examples, one round of T=1, on 2 actors, with the full mask (n = 73,728).
+    Actor RSS is read after the first 100 clients and after all 1,000. Anything of size n kept per
+    client (local values, a perturbation) would add 900 x 288 KB = 253 MB; a second model copy
+    12.6 MB. Allocator warm-up and noise measured here stay under 15 MB, hence the 32 MB bound."""
+    from meerkat_ray.federation import RayExecutor
+
+    cfg = load_config(None, [*TINY, "data.num_train=2000", "data.num_clients=1000", "data.partition=iid",
+                             "data.batch_size=2", "mask.kind=full", "fed.rounds=1",
+                             "fed.local_steps=1", "vp.enabled=false", "ray.backend=ray", "ray.num_actors=2",
+                             "ray.cpus_per_client=0.5"])
+    data = prepare_data(cfg)
+    assert set(data.client_sizes) == {2}
+    executor = RayExecutor(cfg, data)
+    try:
+        server = executor.make_server(cfg, executor.theta0, executor.mask.pretrain_grad, data.client_sizes)
+        plans = server.plan_round(1)
+        results = executor.run_clients(plans[:100])
+        rss_100 = [i["rss_bytes"] for i in executor.actor_info()]
+        results += executor.run_clients(plans[100:])
+        rss_1000 = [i["rss_bytes"] for i in executor.actor_info()]
+        outcome = server.finish_round(1, plans, results)
+        executor.sync(outcome.sync)
+        assert outcome.metrics["rejected_clients"] == [] and outcome.metrics["local_steps"] == 1000
+        assert torch.equal(executor.global_theta(), server.snapshot().theta)
+    finally:
+        executor.close()
+    growth = [b - a for a, b in zip(rss_100, rss_1000)]
+    assert executor.mask.n == 73728
+    assert max(growth) < 32 * 2**20, f"actor RSS grew by {[g / 2**20 for g in growth]} MiB from 100 to 1,000 clients"
+
+
+@pytest.mark.parametrize("address,says", [("127.0.0.1:1", "no Ray cluster answers"), ("localhost", "no Ray cluster")])
+def test_an_unreachable_address_is_refused_in_seconds(monkeypatch, capsys, tmp_path, address, says):
+    import ray
+
+    from meerkat_ray.cli import main
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init reached with an unreachable address"))
+    assert main(["run", *RUN, "ray.backend=ray", f"ray.address={address}", f"output_dir={tmp_path}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ray.address: ") and says in err[0]

@@ -1,0 +1,181 @@
+"""Sweeps: every file in tune_configs/ validates (base + every grid point, no model loaded); a bad
+sweep file is refused with one `error:` line before Ray starts; a checkpointed federation resumes
+bit for bit; and the smoke sweep through the CLI, on the session's Ray cluster, writes a 4-row
+results table, a run folder per trial and TensorBoard logs, and resumes when finished."""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from meerkat_ray.checkpoint import RunCheckpoint
+from meerkat_ray.cli import main
+from meerkat_ray.config import load_config
+from meerkat_ray.runlog import load_theta, read_metrics, read_path
+from meerkat_ray.runner import run_experiment
+from meerkat_ray.sweep import load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "tune_configs").glob("*.yaml"))
+
+
+def test_the_sweep_files_are_there():
+    assert {p.stem for p in SWEEPS} >= {"smoke", "demo_grid", "paper_grid", "vp_thresholds"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_file_validates_and_says_how_to_run_it(path):
+    sweep = load_sweep(path)
+    assert len(sweep.configs) == math.prod(len(v) for v in sweep.grid.values())
+    for point, cfg in zip(sweep.points, sweep.configs):
+        assert all(getattr_dotted(cfg, k) == v for k, v in point.items())
+    head = path.read_text().split("\nbase:")[0]  # the opening comment: what it is for, the command
+    assert head.startswith("# ") and "meerkat-ray tune " in head and f"tune_configs/{path.name}" in head
+
+
+def getattr_dotted(obj, dotted):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_paper_grid_covers_the_paper():
+    sweep = load_sweep(ROOT / "tune_configs" / "paper_grid.yaml")
+    assert set(sweep.grid["model.name"]) == {"meta-llama/Llama-3.2-1B", "Qwen/Qwen2-1.5B", "google/gemma-2-2b"}
+    assert set(sweep.grid["data.task"]) == {"sst2", "ag_news", "yelp_polarity", "boolq", "rte", "wsc", "wic"}
+    assert sweep.grid["mask.density"] == [1e-3, 1e-4, 1e-5]
+    assert sweep.grid["fed.local_steps"] == [1, 10, 30, 50, 100]
+    assert 0 < sweep.configs[0].ray.gpus_per_client < 1
+
+
+BAD = [  # sweep file text, extra CLI items, what the error line must name
+    ("grid: {mask.densty: [0.1]}\n", [], "grid.mask.densty"),
+    ("grid: {mask.density: 0.1}\n", [], "grid.mask.density"),
+    ("grid: {mask.density: [0.1, 2.0]}\n", [], "mask.density"),
+    ("grid: {name: [a, b]}\n", [], "grid.name"),
+    ("base: {fed: {roundz: 3}}\n", [], "base.fed.roundz"),
+    ("tune: {metric: f1}\n", [], "tune.metric"),
+    ("gird: {}\n", [], "gird"),
+    ("grid: {fed.local_steps: [1, 2]}\n", ["grid.fed.local_steps=[1, 0]"], "fed.local_steps"),
+    ("base: {model: {name: no-such/model-anywhere}}\n", [], "model.name"),
+]
+
+
+@pytest.mark.parametrize("text,items,key", BAD, ids=[b[2] for b in BAD])
+def test_a_bad_sweep_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys, text, items, key):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for an invalid sweep")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["tune", str(path), *items, f"tune.output_dir={tmp_path}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and key in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_overrides_reach_base_grid_and_tune(tmp_path):
+    sweep = load_sweep(ROOT / "tune_configs" / "smoke.yaml",
+                       ["fed.rounds=3", "base.seed=5", "grid.fed.local_steps=[1]", "tune.mode=min",
+                        f"tune.output_dir={tmp_path}"])
+    assert {c.fed.rounds for c in sweep.configs} == {3} and {c.seed for c in sweep.configs} == {5}
+    assert sweep.grid["fed.local_steps"] == [1] and len(sweep.configs) == 2
+    assert sweep.tune.mode == "min" and sweep.folder == tmp_path / "smoke"
+
+
+RESUME = ["model.name=tiny-llama", "model.num_threads=1", "data.task=tweets2", "data.num_train=96",
+          "data.num_test=16", "data.num_clients=3", "data.batch_size=4", "data.max_length=32",
+          "mask.calib_num_seqs=2", "mask.calib_seq_len=32", "mask.cache=false", "fed.rounds=3",
+          "fed.local_steps=2", "vp.calib_steps=2", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0",
+          "ray.backend=local"]
+
+
+def test_a_checkpointed_run_resumes_bit_for_bit(tmp_path):
+    """Run b checkpoints after every round and is interrupted after round 2; it resumes from the
+    round-1 checkpoint (so round 2 is cut from its files and computed again) and must end exactly
+    as the uninterrupted run a: same sparse_final, path.parquet and metrics, VPCS state included."""
+    run_experiment(load_config(None, [*RESUME, "name=a", f"output_dir={tmp_path}"]), progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    def checkpoint(round_, metrics, last, server):
+        state, theta = server.state_dict()
+        RunCheckpoint(round_, last, state, theta).save(_mkdir(tmp_path / f"ckpt{round_}"))
+        if round_ == 2:
+            raise Interrupted
+
+    cfg_b = load_config(None, [*RESUME, "name=b", f"output_dir={tmp_path}"])
+    with pytest.raises(Interrupted):
+        run_experiment(cfg_b, progress=False, on_round=checkpoint)
+    assert [m["round"] for m in read_metrics(tmp_path / "b")] == [0, 1, 2]
+    resume = RunCheckpoint.load(tmp_path / "ckpt1")
+    assert resume.server["vp"]["decided_round"] == 1 and resume.server["vp"]["flagged"]
+    summary = run_experiment(cfg_b, progress=False, resume=resume)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert torch.equal(load_theta(a / "sparse_final.safetensors"), load_theta(b / "sparse_final.safetensors"))
+    assert read_path(a).equals(read_path(b))
+    timeless = [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(a)]
+    assert timeless == [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(b)]
+    summary_a = json.loads((a / "summary.json").read_text())
+    for key in ("final_accuracy", "uplink_bytes", "downlink_bytes", "local_steps", "flagged_clients"):
+        assert summary[key] == summary_a[key]
+
+
+def test_a_trial_reports_every_round_and_the_last_one_after_its_run_folder_is_complete(tmp_path, monkeypatch):
+    """A scheduler stops a trial at its last report: by then summary.json and sparse_final exist."""
+    from meerkat_ray import tune as sweep_tune
+
+    cfg = load_config(None, [*RESUME, "name=trial", f"output_dir={tmp_path}"])
+    reports = []
+
+    def fake_report(metrics, checkpoint):
+        saved = RunCheckpoint.load(checkpoint.path)
+        reports.append((metrics["round"], saved.round, (cfg.run_dir / "summary.json").is_file()))
+
+    monkeypatch.setattr(sweep_tune.tune, "report", fake_report)
+    sweep_tune.run_experiment_with_reports(cfg, resume=None)
+    assert reports == [(1, 1, False), (2, 2, False), (3, 3, True)]
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+@pytest.mark.ray
+def test_smoke_sweep_writes_a_four_row_results_table(ray_cluster, tmp_path):
+    args = ["tune", str(ROOT / "tune_configs" / "smoke.yaml"), f"tune.output_dir={tmp_path}",
+            "base.mask.cache=false", "--quiet"]
+    assert main(args) == 0
+    folder = tmp_path / "smoke"
+    table = pd.read_parquet(folder / "results.parquet")
+    assert len(table) == 4 and len(pd.read_csv(folder / "results.csv")) == 4
+    assert set(zip(table["mask.density"], table["fed.local_steps"])) == {(1e-3, 2), (1e-3, 4), (1e-2, 2), (1e-2, 4)}
+    assert (table["status"] == "done").all() and (table["rounds_done"] == 2).all()
+    for column in ("final_accuracy", "best_accuracy", "uplink_bytes", "downlink_bytes", "flagged_clients"):
+        assert column in table.columns
+    assert table["final_accuracy"].between(0, 1).all() and (table["uplink_bytes"] > 0).all()
+    for row in table.itertuples():
+        run = Path(row.run_dir)
+        assert run.parent == folder / "runs"
+        for name in ("config.yaml", "metrics.jsonl", "path.parquet", "summary.json", "sparse_final.safetensors"):
+            assert (run / name).is_file(), run / name
+        assert [m["round"] for m in read_metrics(run)] == [0, 1, 2]
+        assert list(json.loads((run / "summary.json").read_text())["flagged_clients"]) == list(row.flagged_clients)
+    trial_dirs = [d for d in (folder / "tune").iterdir() if d.is_dir()]
+    assert len(trial_dirs) == 4
+    for trial in trial_dirs:  # TensorBoard event files and a checkpoint per trial
+        assert list(trial.glob("events.out.tfevents.*")) and list(trial.glob("checkpoint_*"))
+    assert ray_cluster.is_initialized()  # the session's cluster was used and left running
+
+    assert main(args) == 2  # the folder exists: neither resumed nor replaced silently
+    assert main([*args, "--resume"]) == 0  # a finished sweep resumes to the same table
+    assert pd.read_parquet(folder / "results.parquet").drop(columns="run_dir").equals(table.drop(columns="run_dir"))
