@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/meerkat-ray run
+	$(BIN)/meerkat-ray run --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

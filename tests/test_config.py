@@ -220,3 +220,23 @@ def test_cli_export_refuses_a_missing_or_unfinished_run_folder(tmp_path, capsys)
     code, err, _ = run_main(capsys, "export", str(tmp_path / "half"), str(tmp_path / "out"))
     assert code == 2 and len(err) == 1 and "mask.safetensors" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_config_reference_lists_every_key():
+    """README's config table is the user's reference: every key of the tree must appear in it."""
+    import dataclasses
+    from pathlib import Path
+
+    from meerkat_ray.config import Config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or isinstance(f.default_factory, type):
+                yield from keys(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    missing = [k for k in keys(Config) if f"`{k}`" not in readme]
+    assert not missing, f"README config table lacks {missing}"
