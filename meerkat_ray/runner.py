@@ -162,9 +162,9 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
     `on_round` is handed to `federate`; `resume` continues an interrupted run from a checkpoint.
     """
     t_start = time.perf_counter()
-    data = prepare_data(cfg)                      # bad data input fails here, before any model
     if resume is None and cfg.run_dir.exists() and not overwrite:
         raise MeerkatError(f"{cfg.run_dir}: run folder already exists (use --overwrite to replace it)")
+    data = prepare_data(cfg)                      # bad data input fails here, before any model
     mask, theta0, executor = make_executor(cfg, data, progress)
     try:
         writer = open_run_dir(cfg, data, mask, theta0, overwrite, resume)

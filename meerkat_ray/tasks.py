@@ -147,6 +147,7 @@ class HubLoader:
 
         if source is None:
             try:
+                datasets.disable_progress_bars()
                 ds = datasets.load_dataset(self.hub_id, self.config, split=split)
             except Exception as err:  # offline, no cache, renamed repo: all mean "not available"
                 what = self.hub_id + (f" ({self.config})" if self.config else "")
@@ -162,6 +163,7 @@ class HubLoader:
                 raise ConfigError(f"data.source: no such file {path} (task '{task}' needs "
                                   f"train.jsonl and {self.test_split}.jsonl)")
             try:
+                datasets.disable_progress_bars()  # our output is one line per problem, not per split
                 ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
             except Exception as err:
                 raise ConfigError(f"data.source: cannot read {path}: {err}") from err

@@ -47,10 +47,10 @@ def run_as_a_tune_trial(ray, cfg):
 
     pg = placement_group(trial_bundles(cfg))
     try:
-        ray.get(pg.ready(), timeout=60)
+        ray.get(pg.ready(), timeout=300)  # generous: CI machines may be loaded
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
                                                     placement_group_capture_child_tasks=True)
-        return ray.get(trial.options(num_cpus=CONTROL_CPUS, scheduling_strategy=strategy).remote(cfg), timeout=300)
+        return ray.get(trial.options(num_cpus=CONTROL_CPUS, scheduling_strategy=strategy).remote(cfg), timeout=900)
     finally:
         remove_placement_group(pg)
 
