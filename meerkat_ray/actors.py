@@ -15,16 +15,17 @@ import os
 import ray
 import torch
 
+from .client import WorkerHost
 from .config import Config
 from .experiment import DataSetup, build_worker, prepare_mask, test_batches
 from .mask import Mask
-from .messages import ClientPlan, ClientResult, SyncMessage
+from .messages import ClientPlan, ClientResult
 from .models import load_model
 from .server import RoundOutcome, Server
 
 
 @ray.remote
-class ClientActor:
+class ClientActor(WorkerHost):
     def __init__(self, cfg: Config, data: DataSetup, name: str):
         torch.set_num_threads(cfg.model.num_threads or max(1, int(cfg.ray.cpus_per_client)))
         self.cfg, self.data, self.name = cfg, data, name
@@ -42,18 +43,6 @@ class ClientActor:
 
     def run(self, plan: ClientPlan) -> ClientResult:
         return self.worker.run(plan)
-
-    def sync(self, msg: SyncMessage) -> None:
-        self.worker.sync(msg)
-
-    def restore(self, theta: torch.Tensor, round_: int) -> None:
-        self.worker.restore(theta, round_)
-
-    def evaluate(self) -> tuple[float, float]:
-        return self.worker.evaluate(self.eval_batches)
-
-    def global_theta(self) -> torch.Tensor:
-        return self.worker.theta_global
 
     def info(self) -> dict:
         """Where this actor lives and what it holds (placement and memory checks)."""

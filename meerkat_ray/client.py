@@ -45,6 +45,24 @@ class ClientData:
         return collate([self.tokens[i] for i in picked], [self.labels[i] for i in picked], self.pad_id)
 
 
+class WorkerHost:
+    """What hosts a ClientWorker (the in-process executor, a client actor) pass straight through.
+
+    Subclasses set `self.worker` (a ClientWorker) and `self.eval_batches` (the test set)."""
+
+    def sync(self, msg: SyncMessage) -> None:
+        self.worker.sync(msg)
+
+    def restore(self, theta: torch.Tensor, round_: int) -> None:
+        self.worker.restore(theta, round_)
+
+    def evaluate(self) -> tuple[float, float]:
+        return self.worker.evaluate(self.eval_batches)
+
+    def global_theta(self) -> torch.Tensor:
+        return self.worker.theta_global
+
+
 class ClientWorker:
     def __init__(self, model: torch.nn.Module, mask, theta: torch.Tensor, data: ClientData,
                  label_ids: torch.Tensor, eps: float, batch_size: int, device, name: str = "local"):

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -72,6 +73,13 @@ def load_theta(path: str | Path) -> torch.Tensor:
         return load_file(str(path))["theta"]
     except Exception as exc:
         raise MeerkatError(f"{path}: not a readable sparse-values file ({type(exc).__name__})") from None
+
+
+def remove_owned_folder(folder: Path, marker: str, what: str) -> None:
+    """Delete `folder` for --overwrite, but only if it is empty or holds `marker` (ours)."""
+    if not (folder / marker).is_file() and any(folder.iterdir()):
+        raise MeerkatError(f"{folder}: exists and is not a {what} folder; refusing to overwrite it")
+    shutil.rmtree(folder)
 
 
 class RunWriter:

@@ -10,7 +10,6 @@ hosts the server in a server actor, reached through a proxy with the same method
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -19,17 +18,17 @@ import yaml
 from tqdm.auto import tqdm
 
 from .checkpoint import RunCheckpoint
-from .client import ClientWorker
+from .client import ClientWorker, WorkerHost
 from .config import Config, to_dict
 from .errors import MeerkatError
 from .experiment import DataSetup, build_worker, check_model, prepare_data, prepare_model, test_batches
 from .gradip import flag_quality
 from .mask import save_mask
-from .runlog import RunWriter, save_theta, write_json
+from .runlog import RunWriter, remove_owned_folder, save_theta, write_json
 from .server import Server
 
 
-class LocalExecutor:
+class LocalExecutor(WorkerHost):
     """Runs every virtual client on one in-process worker, sequentially."""
 
     def __init__(self, worker: ClientWorker, eval_batches):
@@ -49,18 +48,6 @@ class LocalExecutor:
                 on_result(results[-1])
         return results
 
-    def sync(self, msg) -> None:
-        self.worker.sync(msg)
-
-    def restore(self, theta: torch.Tensor, round_: int) -> None:
-        self.worker.restore(theta, round_)
-
-    def evaluate(self) -> tuple[float, float]:
-        return self.worker.evaluate(self.eval_batches)
-
-    def global_theta(self) -> torch.Tensor:
-        return self.worker.theta_global
-
     def close(self) -> None:
         pass
 
@@ -70,9 +57,7 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
     if run_dir.exists():
         if not overwrite:
             raise MeerkatError(f"{run_dir}: run folder already exists (use --overwrite to replace it)")
-        if not (run_dir / "config.yaml").is_file() and any(run_dir.iterdir()):
-            raise MeerkatError(f"{run_dir}: exists and is not a run folder; refusing to overwrite it")
-        shutil.rmtree(run_dir)
+        remove_owned_folder(run_dir, "config.yaml", "run")
     run_dir.mkdir(parents=True)
     return run_dir
 

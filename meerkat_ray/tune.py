@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from .config import Config, set_dotted
 from .errors import MeerkatError
 from .experiment import check_model, prepare_data
 from .federation import connect, disconnect, federation_demand, trial_bundles
-from .runlog import write_text
+from .runlog import remove_owned_folder, write_text
 from .runner import run_experiment
 from .sweep import Sweep, point_config, point_tag
 
@@ -141,9 +140,7 @@ def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
     if folder.exists():
         if not overwrite:
             raise MeerkatError(f"{folder}: sweep folder already exists (--resume continues it, --overwrite replaces it)")
-        if not (folder / "sweep.yaml").is_file() and any(folder.iterdir()):
-            raise MeerkatError(f"{folder}: exists and is not a sweep folder; refusing to overwrite it")
-        shutil.rmtree(folder)
+        remove_owned_folder(folder, "sweep.yaml", "sweep")
     folder.mkdir(parents=True)
     spec = {**sweep.spec(), "tune": dataclasses.asdict(sweep.tune), "source": sweep.source}
     write_text(folder / "sweep.yaml", yaml.safe_dump(spec, sort_keys=False))
