@@ -65,10 +65,11 @@ class WorkerHost:
 
 class ClientWorker:
     def __init__(self, model: torch.nn.Module, mask, theta: torch.Tensor, data: ClientData,
-                 label_ids: torch.Tensor, eps: float, batch_size: int, device, name: str = "local"):
+                 label_ids: torch.Tensor, eps: float, batch_size: int, device, name: str = "local",
+                 clip: float = 0.0):
         self.view = MaskedView(model, mask)
         self.theta_global = theta.clone()
-        self.data, self.eps, self.batch_size = data, eps, batch_size
+        self.data, self.eps, self.batch_size, self.clip = data, eps, batch_size, clip
         self.device = device
         self.label_ids = label_ids.to(device)
         self.name = name
@@ -99,7 +100,7 @@ class ClientWorker:
             for t, seed in enumerate(plan.seeds[: plan.steps]):
                 batch = self.data.batch(plan.client, plan.cursor + t * self.batch_size, self.batch_size)
                 scalar, loss = zo_step_(self.view, theta, seed, batch.to(self.device), self.label_ids,
-                                        self.eps, plan.lr)
+                                        self.eps, plan.lr, self.clip)
                 scalars.append(scalar)
                 losses.append(loss)
         finally:  # the model must never be left holding a perturbed or local point

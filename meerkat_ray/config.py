@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class MaskConfig:
 class ZOConfig:
     eps: float = 1e-3              # perturbation scale epsilon
     lr: float = 5e-4               # learning rate eta (sparse masks need far larger values than dense MeZO)
+    clip: float = 0.0              # clip each step's |scalar| to this on the client (0 = off); the server rejects larger ones
 
 
 @dataclass
@@ -67,6 +69,8 @@ class FedConfig:
     local_steps: int = 10          # T: local ZO steps per client per round
     seed_sharing: str = "round"    # round: one seed list per round for all clients | client: seeds per client
     eval_every: int = 4            # evaluate the global model every E rounds (and always after the last)
+    aggregation: str = "mean"      # mean (FedAvg) | median | trimmed_mean: per shared seed, over the clients' scalars
+    trim_fraction: float = 0.1     # trimmed_mean: fraction of the lowest and of the highest scalars dropped per seed
 
 
 @dataclass
@@ -90,6 +94,8 @@ class RayConfig:
     num_gpus: int = 0              # GPUs an embedded cluster declares (0 = detect; more than exist = logical ones)
     address: str = ""              # "" = start an embedded cluster; "auto" or host:port joins one
     dashboard_host: str = "127.0.0.1"  # embedded cluster's dashboard bind address
+    max_actor_restarts: int = 8    # dead client actors replaced per run (their clients re-run); then the rest carry on
+    chaos_kill_prob: float = 0.0   # fault injection: kill a client actor after a dispatch with this probability (seeded)
 
 
 @dataclass
@@ -116,6 +122,7 @@ CHOICES = {
     "mask.kind": ("pretrain_grad", "weight_magnitude", "random", "full"),
     "mask.calib_corpus": ("pydoc", "c4"),
     "fed.seed_sharing": ("round", "client"),
+    "fed.aggregation": ("mean", "median", "trimmed_mean"),
     "vp.policy": ("gradip", "random"),
     "ray.backend": ("local", "ray"),
 }
@@ -139,9 +146,11 @@ RANGES = [
     ("mask.calib_batch_size", lambda v: v >= 1, ">= 1"),
     ("zo.eps", lambda v: v > 0, "> 0"),
     ("zo.lr", lambda v: v > 0, "> 0"),
+    ("zo.clip", lambda v: v >= 0, ">= 0"),
     ("fed.rounds", lambda v: v >= 1, ">= 1"),
     ("fed.local_steps", lambda v: v >= 1, ">= 1"),
     ("fed.eval_every", lambda v: v >= 1, ">= 1"),
+    ("fed.trim_fraction", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
     ("vp.sigma", lambda v: v > 0, "> 0"),
     ("vp.rho", lambda v: v > 0, "> 0"),
     ("vp.min_quiet_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
@@ -153,7 +162,11 @@ RANGES = [
      "in [0, 1] or a whole number"),
     ("ray.cpus_per_client", lambda v: v > 0, "> 0"),
     ("ray.num_gpus", lambda v: v >= 0, ">= 0"),
+    ("ray.max_actor_restarts", lambda v: v >= 0, ">= 0"),
+    ("ray.chaos_kill_prob", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
 ]
+# Keys naming files, folders or models: a NUL byte would reach the OS as a traceback, not an error line.
+PATH_KEYS = ("name", "output_dir", "model.name", "model.cache_dir", "data.source")
 
 
 # ----------------------------------------------------------------------------- building
@@ -175,16 +188,26 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str) and _looks_like_float(value):
             value = float(value)  # YAML 1.1 (PyYAML) reads `1e-4` as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
-                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: must be a finite number, got {_short(value)}")
+            return number
     elif typ is str:
         if isinstance(value, str):
             return value
         if value is None:
             return ""
     name = getattr(typ, "__name__", str(typ))
-    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {_short(value)}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr for an error line: one line, bounded length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _build(cls, data: Any, prefix: str):
@@ -221,14 +244,27 @@ def validate(cfg: Config) -> Config:
         value = get_key(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}: must be {what}, got {value!r}")
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        raise ConfigError(f"name: must be a plain folder name, got {cfg.name!r}")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", "..") or len(cfg.name.encode(errors="replace")) > 255:
+        raise ConfigError(f"name: must be a plain folder name, got {_short(cfg.name)}")
     if not cfg.model.name:
         raise ConfigError("model.name: must not be empty")
     if cfg.vp.early_fraction + cfg.vp.late_fraction > 1.0:
         raise ConfigError("vp.early_fraction: early_fraction + late_fraction must be <= 1")
     if cfg.ray.gpus_per_client > 1 and not float(cfg.ray.gpus_per_client).is_integer():
         raise ConfigError("ray.gpus_per_client: above 1 it must be a whole number of GPUs")
+    for key in PATH_KEYS:
+        if "\0" in get_key(cfg, key):
+            raise ConfigError(f"{key}: contains a NUL character")
+    if cfg.mask.eligible:
+        try:
+            re.compile(cfg.mask.eligible)
+        except re.error as exc:
+            raise ConfigError(f"mask.eligible: not a regular expression ({exc})") from None
+    if cfg.fed.aggregation != "mean" and cfg.fed.seed_sharing != "round":
+        raise ConfigError(f"fed.aggregation: {cfg.fed.aggregation} needs fed.seed_sharing=round (robust statistics "
+                          "are taken over the clients' scalars for each shared seed)")
+    if cfg.ray.chaos_kill_prob > 0 and cfg.ray.backend != "ray":
+        raise ConfigError("ray.chaos_kill_prob: kills client actors, so it needs ray.backend=ray")
     return cfg
 
 

@@ -9,10 +9,22 @@ Aggregation w_{r+1} = sum_k p_k theta_k^{(T_k)} is linear in the z's, so it is a
 - seed_sharing=client: one term per (client, step) with coef = p_k * scalar_k^t.
 Both the server and every client apply the same terms in the same order, so their global values
 agree bit for bit; `replay_path` does the same from `path.parquet` alone.
+
+Robust aggregation (fed.aggregation = median | trimmed_mean, round sharing only): for step t let
+P_t be the accepted clients that ran step t (an early-stopped client runs only step 0) and
+W_t = sum_{k in P_t} p_k. FedAvg's coefficient is W_t times the p-weighted mean of their scalars;
+the robust rules replace that mean by an *unweighted* statistic over P_t (one vote per client, as
+in coordinate-wise median / trimmed mean, so that a client's data size cannot buy it the median):
+    median:       coef_t = W_t * median_{k in P_t} scalar_k^t   (mean of the two middle values when |P_t| is even)
+    trimmed_mean: coef_t = W_t * mean of the scalars left after dropping the floor(beta * |P_t|) lowest and
+                  highest (beta = fed.trim_fraction)
+Keeping W_t means a step that only part of the federation ran moves the model as much as under
+FedAvg. The statistic is computed in float64 on Python floats (sorted), so every process agrees.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -57,8 +69,27 @@ def replay_client_(theta: torch.Tensor, seeds, scalars, lr: float) -> torch.Tens
     return theta
 
 
-def aggregation_terms(paths: list[ClientPath], sharing: str) -> list[Term]:
+def robust_location(values: list[float], aggregation: str, trim_fraction: float = 0.0) -> float:
+    """Unweighted median or trimmed mean of `values` (float64, deterministic)."""
+    ordered = sorted(float(v) for v in values)
+    m = len(ordered)
+    if aggregation == "median":
+        mid = m // 2
+        return ordered[mid] if m % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+    if aggregation == "trimmed_mean":
+        cut = math.floor(trim_fraction * m)
+        kept = ordered[cut: m - cut]
+        return math.fsum(kept) / len(kept)
+    raise ValueError(f"unknown robust aggregation {aggregation!r}")
+
+
+def aggregation_terms(paths: list[ClientPath], sharing: str, aggregation: str = "mean",
+                      trim_fraction: float = 0.0) -> list[Term]:
     paths = sorted(paths, key=lambda p: p.client)
+    if aggregation != "mean":
+        if sharing != "round":
+            raise ValueError(f"{aggregation} aggregation needs round-shared seeds")
+        return _robust_terms(paths, aggregation, trim_fraction)
     if sharing == "client":
         return [Term(int(s), p.lr, p.weight * float(g)) for p in paths for s, g in zip(p.seeds, p.scalars)]
     terms: dict[int, Term] = {}  # insertion order = step order
@@ -70,6 +101,21 @@ def aggregation_terms(paths: list[ClientPath], sharing: str) -> list[Term]:
                 term = terms.setdefault(seed, Term(seed, p.lr, 0.0))
                 term.coef += p.weight * float(p.scalars[t])
     return list(terms.values())
+
+
+def _robust_terms(paths: list[ClientPath], aggregation: str, trim_fraction: float) -> list[Term]:
+    terms = []
+    for t in range(max((len(p.seeds) for p in paths), default=0)):
+        ran = [p for p in paths if t < len(p.seeds)]
+        seeds = {int(p.seeds[t]) for p in ran}
+        if len(seeds) != 1:
+            raise ValueError(f"step {t}: clients ran different seeds; robust aggregation needs round sharing")
+        weight = 0.0
+        for p in ran:  # client-id order, like FedAvg's sum
+            weight += p.weight
+        stat = robust_location([p.scalars[t] for p in ran], aggregation, trim_fraction)
+        terms.append(Term(seeds.pop(), ran[0].lr, weight * stat))
+    return terms
 
 
 def apply_terms_(theta: torch.Tensor, terms: list[Term], on_z=None) -> torch.Tensor:
@@ -100,8 +146,10 @@ def infer_sharing(rows: pd.DataFrame) -> str:
     return "round" if bool((seeds_per_step == 1).all()) else "client"
 
 
-def replay_path(theta_init: torch.Tensor, path: pd.DataFrame, sharing: str | None = None) -> torch.Tensor:
-    """sparse_final from sparse_init and path.parquet alone (the sharing mode is read off the seeds).
+def replay_path(theta_init: torch.Tensor, path: pd.DataFrame, sharing: str | None = None,
+                aggregation: str = "mean", trim_fraction: float = 0.0) -> torch.Tensor:
+    """sparse_final from sparse_init and path.parquet alone (the sharing mode is read off the seeds;
+    a robust `fed.aggregation` and its `fed.trim_fraction` come from config.yaml).
 
     The exact operation, per term: `theta.add_(z, alpha=-(lr * coef))` on float32 CPU tensors, with
     lr * coef computed in float64; another rounding order (e.g. `theta - lr*coef*z`) differs in the
@@ -109,5 +157,5 @@ def replay_path(theta_init: torch.Tensor, path: pd.DataFrame, sharing: str | Non
     sharing = sharing or infer_sharing(path)
     theta = theta_init.clone()
     for _, rows in path.groupby("round", sort=True):
-        apply_terms_(theta, aggregation_terms(paths_from_frame(rows), sharing))
+        apply_terms_(theta, aggregation_terms(paths_from_frame(rows), sharing, aggregation, trim_fraction))
     return theta

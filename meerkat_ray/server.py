@@ -84,8 +84,9 @@ class Server:
         return plans
 
     @staticmethod
-    def check_result(plan: ClientPlan, result: ClientResult | None) -> str:
-        """Why a result is rejected ('' = accepted)."""
+    def check_result(plan: ClientPlan, result: ClientResult | None, clip: float = 0.0) -> str:
+        """Why a result is rejected ('' = accepted). With `clip` > 0 (zo.clip) honest clients never
+        send |scalar| > clip, so a larger one is refused too."""
         if result is None:
             return "no result"
         if result.round != plan.round or result.client != plan.client:
@@ -98,6 +99,8 @@ class Server:
             return "non-numeric scalar or loss"
         if not finite:
             return "non-finite scalar or loss"
+        if clip > 0 and any(abs(float(v)) > clip for v in result.scalars):
+            return f"scalar above zo.clip={clip:g}"
         return ""
 
     def finish_round(self, round_: int, plans: list[ClientPlan], results: list[ClientResult | None]) -> RoundOutcome:
@@ -105,7 +108,7 @@ class Server:
         by_client = {r.client: r for r in results if r is not None}
         accepted, rejected = [], {}
         for plan in plans:
-            reason = self.check_result(plan, by_client.get(plan.client))
+            reason = self.check_result(plan, by_client.get(plan.client), self.cfg.zo.clip)
             if reason:
                 rejected[plan.client] = reason
             else:
@@ -114,7 +117,8 @@ class Server:
         paths = [ClientPath(client=p.client, weight=float(self.sizes[p.client]) / total,
                             seeds=p.seeds[: p.steps], scalars=[float(s) for s in by_client[p.client].scalars], lr=p.lr)
                  for p in accepted]
-        terms = aggregation_terms(paths, self.cfg.fed.seed_sharing)
+        fed = self.cfg.fed
+        terms = aggregation_terms(paths, fed.seed_sharing, fed.aggregation, fed.trim_fraction)
         dots: dict[int, float] = {}
 
         def on_z(seed: int, z: torch.Tensor) -> None:

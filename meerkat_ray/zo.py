@@ -87,11 +87,12 @@ def classification_loss(model, batch: Batch, label_ids: torch.Tensor) -> float:
 
 
 def zo_step_(view: MaskedView, theta: torch.Tensor, seed: int, batch: Batch, label_ids: torch.Tensor,
-             eps: float, lr: float) -> tuple[float, float]:
+             eps: float, lr: float, clip: float = 0.0) -> tuple[float, float]:
     """One sparse SPSA step; updates theta in place and leaves the model holding it.
 
-    Returns (scalar g, loss = mean of the two perturbed losses). A non-finite loss leaves theta
-    and the model exactly as they were and returns the non-finite values for the caller to report.
+    Returns (scalar g, loss = mean of the two perturbed losses); with `clip` > 0, g is clipped to
+    [-clip, clip] before the update (the clipped value is the one sent). A non-finite loss leaves
+    theta and the model exactly as they were and returns the non-finite values for the caller to report.
     """
     z = perturbation(seed, theta.numel())
     view.write_(torch.add(theta, z, alpha=eps))
@@ -99,6 +100,8 @@ def zo_step_(view: MaskedView, theta: torch.Tensor, seed: int, batch: Batch, lab
     view.write_(torch.add(theta, z, alpha=-eps))
     loss_minus = classification_loss(view.model, batch, label_ids)
     scalar = (loss_plus - loss_minus) / (2.0 * eps)
+    if clip > 0 and math.isfinite(scalar):
+        scalar = max(-clip, min(clip, scalar))
     if math.isfinite(scalar):
         theta.add_(z, alpha=-(lr * scalar))
     view.write_(theta)
