@@ -1,4 +1,4 @@
-"""`meerkat-ray run | tune | export` (also `python -m meerkat_ray`).
+"""`meerkat-ray run | tune | analyze | export` (also `python -m meerkat_ray`).
 
 Bad input exits with status 2 and one `error: ...` line on stderr naming the key or path, before
 any model or cluster starts.
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep in its sweep folder")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder of the same name")
     tune.add_argument("--quiet", action="store_true", help="no progress output")
+    analyze = sub.add_parser("analyze", help="figures and an HTML report of a run, a sweep or a folder of runs")
+    analyze.add_argument("dir", metavar="DIR", help="a run folder, a sweep folder or a folder holding run folders")
+    analyze.add_argument("--out", metavar="OUT", help="where the report and figures go (default: DIR/analysis)")
     export = sub.add_parser("export", help="write a Hugging Face model folder with the fine-tuned values")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -83,6 +86,17 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from analysis import AnalysisError, analyze  # reads run folders only: no torch, no Ray
+
+    try:
+        report = analyze(args.dir, args.out)
+    except AnalysisError as exc:
+        raise MeerkatError(str(exc)) from None
+    print(f"wrote {report.html} ({len(report.figures)} figures beside it)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .runner import export_model
 
@@ -91,7 +105,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "tune": cmd_tune, "export": cmd_export}
+COMMANDS = {"run": cmd_run, "tune": cmd_tune, "analyze": cmd_analyze, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,96 @@
+"""Method labels from a run's config, and the groups of runs that one line of a figure stands for.
+
+The method is named the way the paper names it, from `mask.kind`, `vp.enabled` and `vp.policy`:
+Meerkat (pretrain_grad mask), Meerkat-vp (+ VPCS early stopping), Full-FedZO (`full`), the
+weight-magnitude and random masks, and "+ random stop" for `vp.policy=random`. When the runs of
+a folder differ in other keys too (u, T, lr, ...), those keys are added to the label; runs that
+differ only in `seed` share a label and are averaged (one line, a min-max band).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .runs import Run
+
+MASK_METHODS = {
+    "pretrain_grad": "Meerkat",
+    "full": "Full-FedZO",
+    "weight_magnitude": "Weight-magnitude mask",
+    "random": "Random mask",
+}
+METHOD_KEYS = ("mask.kind", "vp.enabled", "vp.policy")
+# Keys that never distinguish methods: where a run is stored, how it is executed, repeats.
+IGNORED_KEYS = ("name", "output_dir", "seed", "model.cache_dir", "model.num_threads", "model.device",
+                "mask.cache", "data.eval_batch_size")
+IGNORED_PREFIXES = ("ray.",)
+SHORT_NAMES = {
+    "mask.density": "u", "fed.local_steps": "T", "fed.rounds": "R", "vp.sigma": "σ", "vp.rho": "ρ",
+    "zo.lr": "lr", "zo.eps": "ε", "data.alpha": "α", "data.num_clients": "K",
+}
+
+
+def method_label(config: dict) -> str:
+    """`Meerkat-vp`, `Meerkat`, `Full-FedZO`, `Random mask + random stop`, ..."""
+    mask = (config.get("mask") or {}).get("kind", "pretrain_grad")
+    vp = config.get("vp") or {}
+    base = MASK_METHODS.get(mask, f"mask={mask}")
+    if not vp.get("enabled", False):
+        return base
+    if vp.get("policy", "gradip") == "random":
+        return f"{base} + random stop"
+    return "Meerkat-vp" if mask == "pretrain_grad" else f"{base} + VPCS"
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Dotted config keys whose value differs between the runs (in config order), except
+    method keys, seeds and keys that only say where / how a run was executed."""
+    flat = [flatten(r.config) for r in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    out = []
+    for key in keys:
+        if key in METHOD_KEYS or key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+            continue
+        values = {repr(f.get(key)) for f in flat}
+        if len(values) > 1:
+            out.append(key)
+    return out
+
+
+def short_name(key: str, keys: list[str]) -> str:
+    if key in SHORT_NAMES:
+        return SHORT_NAMES[key]
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
+def format_value(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def run_label(run: Run, keys: list[str]) -> str:
+    """The method, plus `k=v` for each key in `keys` (the keys that vary over the folder)."""
+    parts = [f"{short_name(k, keys)}={format_value(run.get(k))}" for k in keys]
+    return method_label(run.config) + (f" ({', '.join(parts)})" if parts else "")
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """label -> runs with that label (seeds of one setting), in the order of first appearance."""
+    keys = varying_keys(runs)
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run_label(run, keys)].append(run)
+    return dict(groups)
