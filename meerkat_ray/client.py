@@ -13,7 +13,7 @@ import torch
 
 from .messages import ClientPlan, ClientResult, SyncMessage
 from .path import apply_terms_, derive_seed
-from .zo import Batch, MaskedView, collate, evaluate, zo_step_
+from .zo import Batch, MaskedView, accuracy_and_loss, batch_scores, collate, zo_step_
 
 
 class ClientData:
@@ -58,6 +58,10 @@ class WorkerHost:
 
     def evaluate(self) -> tuple[float, float]:
         return self.worker.evaluate(self.eval_batches)
+
+    def evaluate_shard(self, shard: int, num_shards: int) -> list[tuple[int, float, int]]:
+        """Per-batch scores of every num_shards-th test batch, from batch `shard` on."""
+        return self.worker.batch_scores(self.eval_batches[shard::num_shards])
 
     def global_theta(self) -> torch.Tensor:
         return self.worker.theta_global
@@ -110,5 +114,8 @@ class ClientWorker:
                             worker=self.name, compute_s=time.perf_counter() - start)
 
     def evaluate(self, batches: list[Batch]) -> tuple[float, float]:
+        return accuracy_and_loss(self.batch_scores(batches))
+
+    def batch_scores(self, batches: list[Batch]) -> list[tuple[int, float, int]]:
         self.view.write_(self.theta_global)
-        return evaluate(self.view.model, batches, self.label_ids, self.device)
+        return batch_scores(self.view.model, batches, self.label_ids, self.device)

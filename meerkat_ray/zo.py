@@ -109,13 +109,25 @@ def zo_step_(view: MaskedView, theta: torch.Tensor, seed: int, batch: Batch, lab
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], label_ids: torch.Tensor, device) -> tuple[float, float]:
-    """(accuracy, mean loss) of argmax over the verbalizer logits."""
-    correct, total, loss_sum = 0, 0, 0.0
+def batch_scores(model, batches: list[Batch], label_ids: torch.Tensor, device) -> list[tuple[int, float, int]]:
+    """(correct, summed loss, examples) per batch, so shards of a test set combine exactly."""
+    scores = []
     for batch in batches:
         batch = batch.to(device)
         logits = label_logits(model, batch, label_ids)
-        correct += int((logits.argmax(-1) == batch.labels).sum())
-        loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-        total += len(batch.labels)
+        scores.append((int((logits.argmax(-1) == batch.labels).sum()),
+                       float(F.cross_entropy(logits, batch.labels, reduction="sum")), len(batch.labels)))
+    return scores
+
+
+def accuracy_and_loss(scores: list[tuple[int, float, int]]) -> tuple[float, float]:
+    """(accuracy, mean loss) from per-batch scores in test-set order (the same sum, however sharded)."""
+    correct, loss_sum, total = 0, 0.0, 0
+    for c, loss, n in scores:
+        correct, loss_sum, total = correct + c, loss_sum + loss, total + n
     return correct / max(1, total), loss_sum / max(1, total)
+
+
+def evaluate(model, batches: list[Batch], label_ids: torch.Tensor, device) -> tuple[float, float]:
+    """(accuracy, mean loss) of argmax over the verbalizer logits."""
+    return accuracy_and_loss(batch_scores(model, batches, label_ids, device))
