@@ -13,7 +13,7 @@ import torch
 
 from .messages import ClientPlan, ClientResult, SyncMessage
 from .path import apply_terms_, derive_seed
-from .zo import Batch, MaskedView, accuracy_and_loss, batch_scores, collate, zo_step_
+from .zo import Batch, MaskedView, accuracy_and_loss, batch_scores, collate, perturbations, zo_step_
 
 
 class ClientData:
@@ -100,14 +100,17 @@ class ClientWorker:
         start = time.perf_counter()
         theta = self.theta_global.clone()
         scalars, losses = [], []
+        seeds = plan.seeds[: plan.steps]
+        draws = perturbations(seeds, theta.numel())  # the next z is drawn while this step's forwards run
         try:
-            for t, seed in enumerate(plan.seeds[: plan.steps]):
+            for t, (seed, z) in enumerate(zip(seeds, draws)):
                 batch = self.data.batch(plan.client, plan.cursor + t * self.batch_size, self.batch_size)
                 scalar, loss = zo_step_(self.view, theta, seed, batch.to(self.device), self.label_ids,
-                                        self.eps, plan.lr, self.clip)
+                                        self.eps, plan.lr, self.clip, z=z)
                 scalars.append(scalar)
                 losses.append(loss)
         finally:  # the model must never be left holding a perturbed or local point
+            draws.close()
             self.view.write_(self.theta_global)
         self.last_theta = theta  # the client's final local values (tests compare them with the server's replay)
         return ClientResult(round=plan.round, client=plan.client, scalars=scalars, losses=losses,

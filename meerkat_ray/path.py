@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .zo import perturbation
+from .zo import perturbation, perturbations
 
 
 def derive_seed(*parts) -> int:
@@ -119,9 +119,9 @@ def _robust_terms(paths: list[ClientPath], aggregation: str, trim_fraction: floa
 
 
 def apply_terms_(theta: torch.Tensor, terms: list[Term], on_z=None) -> torch.Tensor:
-    """theta <- theta - lr * coef * z(seed) for each term in order; `on_z(seed, z)` sees every z once."""
-    for term in terms:
-        z = perturbation(term.seed, theta.numel())
+    """theta <- theta - lr * coef * z(seed) for each term in order; `on_z(seed, z)` sees every z once.
+    (The next term's z is drawn while this one is applied: `zo.perturbations`.)"""
+    for term, z in zip(terms, perturbations([t.seed for t in terms], theta.numel())):
         if on_z is not None:
             on_z(term.seed, z)
         theta.add_(z, alpha=-(term.lr * term.coef))

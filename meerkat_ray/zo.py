@@ -10,6 +10,7 @@ their dtype; the restore writes theta back from the master copy, never subtracts
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -23,32 +24,73 @@ def perturbation(seed: int, n: int) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
 
 
+DRAW_AHEAD_MIN_N = 1 << 16  # below this a draw (~0.4 ms at 2^16) costs less than handing it to a thread
+
+
+def perturbations(seeds, n: int):
+    """z for each seed in turn, exactly `perturbation(seed, n)`; from n = DRAW_AHEAD_MIN_N on, the
+    next z is drawn in a background thread while the caller works with the current one (torch
+    releases the GIL while it draws), so the draw overlaps the forward passes. Two z's are alive
+    at once."""
+    seeds = [int(s) for s in seeds]
+    if n < DRAW_AHEAD_MIN_N or len(seeds) < 2:
+        for seed in seeds:
+            yield perturbation(seed, n)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="z-draw") as pool:
+        pending = pool.submit(perturbation, seeds[0], n)
+        for i in range(len(seeds)):
+            z = pending.result()
+            if i + 1 < len(seeds):
+                pending = pool.submit(perturbation, seeds[i + 1], n)
+            yield z
+
+
 class MaskedView:
     """Reads and writes the masked coordinates of a model's parameters, in mask order."""
 
     def __init__(self, model: torch.nn.Module, mask: Mask):
         self.model = model
         params = dict(model.named_parameters())
-        self.slots = []  # (flat parameter view, indices on its device, start, end) in mask order
+        # (flat parameter view, indices on its device or None when the mask covers the whole
+        # parameter, start, end) in mask order. Mask indices are sorted and unique, so covering
+        # every element means arange: a plain copy then replaces the indexed one (dense masks).
+        self.slots = []
         start = 0
         for name, idx in mask.indices.items():
             flat = params[name].data.view(-1)
             end = start + idx.numel()
-            self.slots.append((flat, idx.to(flat.device), start, end))
+            self.slots.append((flat, None if idx.numel() == flat.numel() else idx.to(flat.device), start, end))
             start = end
         self.n = start
         self.device = self.slots[0][0].device if self.slots else torch.device("cpu")
 
     def gather(self) -> torch.Tensor:
         """The model's current masked values as fp32 on the CPU (mask order)."""
-        return torch.cat([flat[idx].float().cpu() for flat, idx, _, _ in self.slots])
+        return torch.cat([(flat if idx is None else flat[idx]).float().cpu() for flat, idx, _, _ in self.slots])
 
     @torch.no_grad()
-    def write_(self, theta: torch.Tensor) -> None:
-        """Set the masked coordinates to theta (fp32, length n) cast to each parameter's dtype."""
-        values = theta.to(self.device, non_blocking=True)
+    def write_(self, theta: torch.Tensor, z: torch.Tensor | None = None, alpha: float = 0.0) -> None:
+        """Set the masked coordinates to theta (fp32, length n), or to theta + alpha * z, cast to each
+        parameter's dtype. A dense fp32 parameter on the CPU receives the sum straight from
+        torch.add(out=...); everything else gets slices of one fp32 vector (sent to the device once)."""
+        dense_sum = z is not None and self.device.type == "cpu"
+        values = None
         for flat, idx, start, end in self.slots:
-            flat.index_copy_(0, idx, values[start:end].to(flat.dtype))
+            if dense_sum and idx is None and flat.dtype == torch.float32:
+                torch.add(theta[start:end], z[start:end], alpha=alpha, out=flat)
+                continue
+            if values is None:
+                values = (theta if z is None else torch.add(theta, z, alpha=alpha)).to(self.device, non_blocking=True)
+            _put_(flat, idx, values[start:end])
+
+
+def _put_(flat: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> None:
+    """flat[idx] = values cast to flat's dtype (idx None: the whole tensor)."""
+    if idx is None:
+        flat.copy_(values)
+    else:
+        flat.index_copy_(0, idx, values.to(flat.dtype))
 
 
 @dataclass
@@ -87,17 +129,18 @@ def classification_loss(model, batch: Batch, label_ids: torch.Tensor) -> float:
 
 
 def zo_step_(view: MaskedView, theta: torch.Tensor, seed: int, batch: Batch, label_ids: torch.Tensor,
-             eps: float, lr: float, clip: float = 0.0) -> tuple[float, float]:
+             eps: float, lr: float, clip: float = 0.0, z: torch.Tensor | None = None) -> tuple[float, float]:
     """One sparse SPSA step; updates theta in place and leaves the model holding it.
 
     Returns (scalar g, loss = mean of the two perturbed losses); with `clip` > 0, g is clipped to
     [-clip, clip] before the update (the clipped value is the one sent). A non-finite loss leaves
     theta and the model exactly as they were and returns the non-finite values for the caller to report.
+    `z`, when given, must be `perturbation(seed, n)` (drawn ahead by `perturbations`).
     """
-    z = perturbation(seed, theta.numel())
-    view.write_(torch.add(theta, z, alpha=eps))
+    z = perturbation(seed, theta.numel()) if z is None else z
+    view.write_(theta, z, eps)
     loss_plus = classification_loss(view.model, batch, label_ids)
-    view.write_(torch.add(theta, z, alpha=-eps))
+    view.write_(theta, z, -eps)
     loss_minus = classification_loss(view.model, batch, label_ids)
     scalar = (loss_plus - loss_minus) / (2.0 * eps)
     if clip > 0 and math.isfinite(scalar):

@@ -245,3 +245,46 @@ def test_mean_zo_estimate_points_along_the_masked_backprop_gradient(fresh_lm, ti
     projection = float(mean @ a / (a @ a))
     assert cos > 0.7, (cos, projection)
     assert 0.6 < projection < 1.4, (cos, projection)
+
+
+# ----------------------------------------------------------------------------- draw-ahead and dense masks
+
+@pytest.mark.parametrize("n", [10, zo.DRAW_AHEAD_MIN_N + 5])
+def test_drawing_ahead_yields_exactly_the_contract_stream(n):
+    seeds = [derive_seed(9, t) for t in range(4)]
+    drawn = list(zo.perturbations(seeds, n))
+    assert len(drawn) == 4 and all(torch.equal(z, perturbation(s, n)) for s, z in zip(seeds, drawn))
+    assert list(zo.perturbations([], n)) == []
+    early = zo.perturbations(seeds, n)  # a consumer that stops early (an error mid-round) ends the thread
+    assert torch.equal(next(early), perturbation(seeds[0], n))
+    early.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dense_mask_steps_and_replays_like_a_sparse_one(fresh_lm, tiny_tokens, tiny_label_ids, dtype):
+    """mask.kind=full: whole parameters are written without indices (fp32: the perturbed sum straight
+    into the parameter) and, with n above DRAW_AHEAD_MIN_N, z is drawn ahead in a thread; the
+    forwards still see theta +- eps z, the path replays bit for bit and the model is restored exactly."""
+    from meerkat_ray.config import MaskConfig
+    from meerkat_ray.mask import compute_mask
+
+    lm = as_dtype(fresh_lm, dtype)
+    mask = compute_mask(lm, MaskConfig(kind="full"), seed=0, need_g_pre=False, progress=False)
+    assert mask.n > zo.DRAW_AHEAD_MIN_N
+    view = MaskedView(lm.model, mask)
+    assert all(idx is None for _, idx, _, _ in view.slots)
+    before = state(lm.model)
+    worker = make_worker(lm, mask, *tiny_tokens, tiny_label_ids)
+    theta0 = worker.theta_global.clone()
+    seeds = step_seeds(12, 1, 0, 3, "round")
+    seen = []
+    handle = lm.model.register_forward_pre_hook(lambda module, args: seen.append(state(module)))
+    try:
+        result = worker.run(ClientPlan(round=1, client=0, seeds=seeds, steps=3, lr=LR, cursor=0))
+    finally:
+        handle.remove()
+    assert len(seen) == 6
+    assert_state_equal(seen[0], expected_state(before, mask, theta0 + EPS * perturbation(seeds[0], mask.n)), mask)
+    assert_state_equal(seen[1], expected_state(before, mask, theta0 - EPS * perturbation(seeds[0], mask.n)), mask)
+    assert torch.equal(worker.last_theta, replay_client_(theta0.clone(), seeds, result.scalars, LR))
+    assert_state_equal(state(lm.model), before)
