@@ -71,6 +71,10 @@ class ServerActor:
     def state_dict(self) -> tuple[dict, torch.Tensor]:
         return self.server.state_dict()
 
+    def theta(self) -> torch.Tensor:
+        """The global values after the last finished round (what a replacement client actor restores)."""
+        return self.server.theta
+
     def load_state(self, state: dict, theta: torch.Tensor) -> None:
         self.server.load_state(state, theta)
 

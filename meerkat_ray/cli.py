@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one federated experiment (no arguments: the embedded default)")
     run.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished round "
+                     "(its config.yaml is the config)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     tune = sub.add_parser("tune", help="run a Ray Tune sweep: a base config, a grid of keys, Tune settings")
     tune.add_argument("items", nargs="+", metavar="SWEEP.yaml [key=value ...]",
@@ -51,7 +53,21 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_run(args) -> int:
     from .config import load_config
+    from .errors import ConfigError
 
+    if args.resume is not None:
+        if args.items:
+            raise ConfigError("run --resume: takes no config file or overrides (the run folder's config.yaml is "
+                              f"the config), got {args.items[0]!r}")
+        if args.overwrite:
+            raise ConfigError("run: --resume and --overwrite exclude each other")
+        from .checkpoint import open_resume
+
+        cfg, checkpoint = open_resume(args.resume)  # every file checked before a model or cluster starts
+        from .runner import run_experiment
+
+        run_experiment(cfg, progress=not args.quiet, resume=checkpoint)
+        return 0
     path, overrides = split_items(args.items)
     cfg = load_config(path, overrides)
     from .runner import run_experiment
@@ -115,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MeerkatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split("\n"))  # one line, whatever a value held
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (a file where a folder should be, no space, no permission)
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

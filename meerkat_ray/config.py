@@ -255,6 +255,10 @@ def validate(cfg: Config) -> Config:
     for key in PATH_KEYS:
         if "\0" in get_key(cfg, key):
             raise ConfigError(f"{key}: contains a NUL character")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.model.device):
+        raise ConfigError(f"model.device: must be auto, cpu, mps, cuda or cuda:N, got {_short(cfg.model.device)}")
+    if not re.fullmatch(r"[\w.:\[\]-]+", cfg.ray.dashboard_host):
+        raise ConfigError(f"ray.dashboard_host: not a host name or IP address: {_short(cfg.ray.dashboard_host)}")
     if cfg.mask.eligible:
         try:
             re.compile(cfg.mask.eligible)

@@ -22,6 +22,7 @@ import socket
 import sys
 from collections import deque
 
+import numpy as np
 import ray
 import torch
 from ray.util.placement_group import get_current_placement_group
@@ -30,6 +31,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .actors import ClientActor, ServerActor
 from .config import Config, RayConfig
 from .errors import MeerkatError
+from .path import derive_seed
+from .zo import accuracy_and_loss
 
 CONTROL_CPUS = 0.25   # the trial driver and the server actor: waiting on futures, replay and GradIP are light
 IN_FLIGHT = 2         # plans queued per client actor (the second hides the driver round trip)
@@ -160,27 +163,43 @@ class RayExecutor:
 
     Set-up: every actor loads its model copy; actor 0 computes the mask and theta_0 (`mask`,
     `theta0` here, for the run folder and the server); every actor then builds its worker.
+
+    Faults: a client actor that dies (or that `ray.chaos_kill_prob` kills on purpose) loses the
+    plans it held; they go back to the queue and run on another actor (`retries`). Its slot gets a
+    fresh actor that restores the global values of the last finished round from the server actor
+    (`actor_restarts`; at most `ray.max_actor_restarts` for real deaths, after which the pool just
+    shrinks). A client's result depends only on the global values, its plan and its data, so the
+    run ends bit-identical to a fault-free one.
     """
 
     def __init__(self, cfg: Config, data):
         self.cfg = cfg
         self.actors: list = []
+        self.slot_of: dict[int, int] = {}   # id(actor handle) -> its slot (name, placement bundle)
+        self.round = 0                       # the actors hold the global values after this round
+        self.server_ready = False
+        self.restarts_left = cfg.ray.max_actor_restarts
+        self.victims: set[int] = set()       # id() of actors killed by the chaos option
+        self.chaos = np.random.default_rng(derive_seed(cfg.seed, "chaos")) if cfg.ray.chaos_kill_prob > 0 else None
+        self.retries = self.actor_restarts = 0
         self.pg = self._own_placement_group(cfg)
         # the server actor's process starts alongside the client actors'; it is set up in make_server
         self.server_actor = ServerActor.options(num_cpus=CONTROL_CPUS, **self._placement(1)).remote()
-        data_ref = ray.put(data)  # one copy in the object store for every actor
-        self.actors = [
-            ClientActor.options(num_cpus=cfg.ray.cpus_per_client, num_gpus=cfg.ray.gpus_per_client,
-                                **self._placement(2 + i)).remote(cfg, data_ref, f"client-actor-{i}")
-            for i in range(cfg.ray.num_actors)
-        ]
+        self.data_ref = ray.put(data)  # one copy in the object store for every actor (and replacements)
+        self.actors = [self._new_actor(i) for i in range(cfg.ray.num_actors)]
         try:
             self.mask, self.theta0 = ray.get(self.actors[0].compute_mask.remote())
-            mask_ref, theta_ref = ray.put(self.mask), ray.put(self.theta0)
-            ray.get([a.start.remote(mask_ref, theta_ref) for a in self.actors])  # set-up errors surface here
+            self.mask_ref, self.theta0_ref = ray.put(self.mask), ray.put(self.theta0)
+            ray.get([a.start.remote(self.mask_ref, self.theta0_ref) for a in self.actors])  # set-up errors surface here
         except BaseException:
             self.close()
             raise
+
+    def _new_actor(self, slot: int):
+        actor = ClientActor.options(num_cpus=self.cfg.ray.cpus_per_client, num_gpus=self.cfg.ray.gpus_per_client,
+                                    **self._placement(2 + slot)).remote(self.cfg, self.data_ref, f"client-actor-{slot}")
+        self.slot_of[id(actor)] = slot
+        return actor
 
     @staticmethod
     def _own_placement_group(cfg: Config):
@@ -197,6 +216,7 @@ class RayExecutor:
 
     def make_server(self, cfg: Config, theta: torch.Tensor, g_pre, client_sizes: list[int]) -> ServerProxy:
         ray.get(self.server_actor.setup.remote(cfg, theta, g_pre, client_sizes))
+        self.server_ready = True
         return ServerProxy(self.server_actor)
 
     def local_server(self, server: ServerProxy):
@@ -209,57 +229,132 @@ class RayExecutor:
         load = {id(a): 0 for a in self.actors}
         results = {}
         while queue or pending:
-            for actor in self.actors:
-                while queue and load[id(actor)] < IN_FLIGHT:
+            for actor in list(self.actors):
+                while queue and load.setdefault(id(actor), 0) < IN_FLIGHT and id(actor) not in self.victims:
                     plan = queue.popleft()
                     pending[actor.run.remote(plan)] = (actor, plan)
                     load[id(actor)] += 1
+                    self._maybe_kill(actor)
             done, _ = ray.wait(list(pending), num_returns=1)
             actor, plan = pending.pop(done[0])
             load[id(actor)] -= 1
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayActorError:
+                self.retries += 1
                 queue.appendleft(plan)
-                self._drop(actor, pending, queue)
+                self._lost(actor, pending, queue)
                 continue
             results[result.client] = result
             if on_result:
                 on_result(result)
+            if id(actor) in self.victims and load[id(actor)] == 0:
+                self._replace(actor)  # killed after its last plan had already finished
         return [results[p.client] for p in plans]  # keyed by client: arrival order never matters
 
-    def _drop(self, actor, pending: dict, queue: deque) -> None:
-        if actor in self.actors:
-            self.actors.remove(actor)
-            print(f"warning: a client actor died; {len(self.actors)} left", file=sys.stderr, flush=True)
+    def _maybe_kill(self, actor) -> None:
+        """ray.chaos_kill_prob: kill the actor that was just given a plan (seeded from the run seed)."""
+        if self.chaos is not None and self.chaos.random() < self.cfg.ray.chaos_kill_prob:
+            self.victims.add(id(actor))
+            ray.kill(actor, no_restart=True)
+
+    def _lost(self, actor, pending: dict, queue: deque) -> None:
+        """A dead actor: its other plans go back to the queue, a fresh actor takes its slot."""
         for ref, (owner, plan) in list(pending.items()):
             if owner is actor:
                 del pending[ref]
                 queue.appendleft(plan)
-        if not self.actors:
-            raise RuntimeError("every client actor died")
+                self.retries += 1
+        self._replace(actor)
+
+    def _replace(self, dead) -> None:
+        if dead not in self.actors:
+            return
+        index = self.actors.index(dead)
+        slot = self.slot_of.pop(id(dead))
+        chaos = id(dead) in self.victims
+        self.victims.discard(id(dead))
+        if not chaos and self.restarts_left <= 0:
+            del self.actors[index]
+            print(f"warning: a client actor died; {len(self.actors)} left", file=sys.stderr, flush=True)
+            if not self.actors:
+                raise RuntimeError("every client actor died")
+            return
+        if not chaos:
+            self.restarts_left -= 1
+            print(f"warning: client-actor-{slot} died; starting a replacement", file=sys.stderr, flush=True)
+        actor = self._new_actor(slot)
+        # Calls on one actor run in order: the plans sent next wait for these. The server holds the
+        # global values of the last finished round; before it is set up the survivors (or theta_0) do.
+        actor.start.remote(self.mask_ref, self.theta0_ref)
+        if self.server_ready or self.round > 0:
+            actor.restore.remote(self._current_theta(exclude=dead), self.round)
+        self.actors[index] = actor
+        self.actor_restarts += 1
+
+    def _current_theta(self, exclude):
+        if self.server_ready:
+            return self.server_actor.theta.remote()
+        alive = [a for a in self.actors if a is not exclude and id(a) not in self.victims]
+        if not alive:
+            raise RuntimeError("every client actor died and no server holds the global values")
+        return alive[0].global_theta.remote()
+
+    def fault_counts(self) -> dict:
+        """Clients re-run and actors replaced since the last call (per round in metrics.jsonl)."""
+        counts = {"retries": self.retries, "actor_restarts": self.actor_restarts}
+        self.retries = self.actor_restarts = 0
+        return counts
 
     def _on_every_actor(self, method: str, *args) -> None:
-        """Call `method` on every actor and wait; an actor that died is dropped from the pool."""
+        """Call `method` on every actor and wait. A dead actor is replaced by one that restores the
+        state the call leads to (`self.round` is already the round it brings the actors to)."""
         calls = [(a, getattr(a, method).remote(*args)) for a in self.actors]
         for actor, ref in calls:
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError:
-                self._drop(actor, {}, deque())
+                self._replace(actor)
 
     def sync(self, msg) -> None:
+        self.round = msg.round  # the server has finished this round
         self._on_every_actor("sync", ray.put(msg))  # one copy in the object store, read by every actor
 
     def restore(self, theta: torch.Tensor, round_: int) -> None:
+        self.round = round_
         self._on_every_actor("restore", ray.put(theta), round_)
 
     def evaluate(self) -> tuple[float, float]:
-        return ray.get(self.actors[0].evaluate.remote())
+        """Every actor scores a share of the test batches; recombined in test-set order, so the
+        numbers equal a single worker's to the bit."""
+        while True:
+            actors = list(self.actors)
+            calls = [(a, a.evaluate_shard.remote(i, len(actors))) for i, a in enumerate(actors)]
+            shards = []
+            for actor, ref in calls:
+                try:
+                    shards.append(ray.get(ref))
+                except ray.exceptions.RayActorError:
+                    self._replace(actor)
+            if len(shards) == len(actors):
+                ordered = [None] * sum(map(len, shards))
+                for i, scores in enumerate(shards):
+                    ordered[i::len(actors)] = scores
+                return accuracy_and_loss(ordered)
 
     def global_theta(self) -> torch.Tensor:
         """The actors' global values (they must all agree)."""
-        thetas = ray.get([a.global_theta.remote() for a in self.actors])
+        while True:
+            actors = list(self.actors)
+            try:
+                thetas = ray.get([a.global_theta.remote() for a in actors])
+                break
+            except ray.exceptions.RayActorError:
+                for actor in actors:  # find the dead one(s)
+                    try:
+                        ray.get(actor.info.remote())
+                    except ray.exceptions.RayActorError:
+                        self._replace(actor)
         if any(not torch.equal(thetas[0], t) for t in thetas[1:]):
             raise RuntimeError("client actors disagree on the global values")
         return thetas[0]

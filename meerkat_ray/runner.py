@@ -10,6 +10,8 @@ hosts the server in a server actor, reached through a proxy with the same method
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,14 +19,15 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .checkpoint import RunCheckpoint
+from .checkpoint import CHECKPOINT_FILE, RunCheckpoint
 from .client import ClientWorker, WorkerHost
 from .config import Config, to_dict
 from .errors import MeerkatError
 from .experiment import DataSetup, build_worker, check_model, prepare_data, prepare_model, test_batches
 from .gradip import flag_quality
 from .mask import save_mask
-from .runlog import RunWriter, remove_owned_folder, save_theta, write_json
+from .models import cache_root
+from .runlog import RunWriter, load_theta, remove_owned_folder, save_theta, write_json
 from .server import Server
 
 
@@ -48,15 +51,32 @@ class LocalExecutor(WorkerHost):
                 on_result(results[-1])
         return results
 
+    def fault_counts(self) -> dict:
+        return {"retries": 0, "actor_restarts": 0}  # nothing here can die without the whole process
+
     def close(self) -> None:
         pass
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """`path` is, or can become, a folder this process writes in (checked before any model loads)."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MeerkatError(f"{key}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MeerkatError(f"{key}: {probe} is not writable")
+
+
+EXISTS = "run folder already exists (--resume continues it, --overwrite replaces it)"
 
 
 def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
     run_dir = cfg.run_dir
     if run_dir.exists():
         if not overwrite:
-            raise MeerkatError(f"{run_dir}: run folder already exists (use --overwrite to replace it)")
+            raise MeerkatError(f"{run_dir}: {EXISTS}")
         remove_owned_folder(run_dir, "config.yaml", "run")
     run_dir.mkdir(parents=True)
     return run_dir
@@ -67,8 +87,15 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
     """The round loop. Returns the last evaluation (accuracy, loss) and timing.
 
     `on_round(round, metrics, last, server)` runs after each round's files are written (Tune
-    reports and checkpoints there); `resume` continues after the checkpoint's round.
+    reports and checkpoints there); `resume` continues after the checkpoint's round. After the
+    zero-shot evaluation and after every round the run folder's checkpoint is replaced (atomically).
     """
+    cfg_dict = to_dict(cfg)
+
+    def checkpoint(round_: int) -> None:
+        state, theta = server.state_dict()
+        RunCheckpoint(round_, dict(last), state, theta, cfg_dict).save(writer.dir)
+
     if resume is None:
         acc0, loss0 = executor.evaluate()
         writer.add_round({"round": 0, "train_loss": None, "accuracy": acc0, "test_loss": loss0, "uplink_bytes": 0,
@@ -76,6 +103,7 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
         if progress:
             print(f"round 0 (zero-shot): accuracy {acc0:.3f}  test loss {loss0:.4f}", flush=True)
         last = {"accuracy": acc0, "test_loss": loss0, "zero_shot_accuracy": acc0, "best_accuracy": acc0}
+        checkpoint(0)
     else:
         last = dict(resume.last)
     start = time.perf_counter()
@@ -93,8 +121,10 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
             metrics.update(accuracy=acc, test_loss=loss)
             last.update(accuracy=acc, test_loss=loss, best_accuracy=max(last["best_accuracy"], acc))
         metrics["compute_s"] = round(sum(res.compute_s for res in results if res is not None), 3)
+        metrics.update(executor.fault_counts())  # client actors lost and clients re-run this round
         metrics["wall_s"] = round(time.perf_counter() - t0, 3)
         writer.add_round(metrics, outcome.path_rows)
+        checkpoint(r)
         bar.set_postfix(loss=_fmt(metrics.get("train_loss")), acc=_fmt(metrics.get("accuracy")),
                         flagged=len(metrics["flagged_clients"]))
         bar.close()
@@ -126,12 +156,13 @@ def make_executor(cfg: Config, data: DataSetup, progress: bool):
     return mask, theta, LocalExecutor(worker, test_batches(lm.tokenizer, data.task, cfg))
 
 
-def open_run_dir(cfg: Config, data: DataSetup, mask, theta0: torch.Tensor, overwrite: bool,
+def open_run_dir(cfg: Config, data: DataSetup, mask, theta0: torch.Tensor, run_dir: Path | None,
                  resume: RunCheckpoint | None) -> RunWriter:
-    """A new run folder with its set-up files, or (resume) the existing one cut back to the checkpoint."""
+    """The new (empty) `run_dir` with its set-up files, or (resume) the existing folder cut back to
+    the checkpoint."""
     if resume is not None:
+        check_same_setup(cfg.run_dir, mask, theta0)
         return resume.reopen_writer(cfg.run_dir)
-    run_dir = prepare_run_dir(cfg, overwrite)
     writer = RunWriter(run_dir)
     writer.write_config(to_dict(cfg))
     save_mask(mask, run_dir / "mask.safetensors")
@@ -140,19 +171,38 @@ def open_run_dir(cfg: Config, data: DataSetup, mask, theta0: torch.Tensor, overw
     return writer
 
 
+def check_same_setup(run_dir: Path, mask, theta0: torch.Tensor) -> None:
+    """A resumed run must rebuild the mask and theta_0 its folder was started with."""
+    from .mask import load_mask
+
+    saved = load_mask(run_dir / "mask.safetensors")
+    if list(saved.indices) != list(mask.indices) or any(not torch.equal(saved.indices[k], v)
+                                                        for k, v in mask.indices.items()):
+        raise MeerkatError(f"{run_dir / 'mask.safetensors'}: differs from the mask this run's config gives "
+                           "(another model, density or mask kind?)")
+    if not torch.equal(load_theta(run_dir / "sparse_init.safetensors"), theta0):
+        raise MeerkatError(f"{run_dir / 'sparse_init.safetensors'}: differs from the model's values at the mask")
+
+
 def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, on_round=None,
                    resume: RunCheckpoint | None = None) -> dict:
     """Run one federated experiment end to end and write its run folder. Returns summary.json.
 
     `on_round` is handed to `federate`; `resume` continues an interrupted run from a checkpoint.
+    A new run folder that fails before its first checkpoint is removed again (nothing to resume).
     """
     t_start = time.perf_counter()
     if resume is None and cfg.run_dir.exists() and not overwrite:
-        raise MeerkatError(f"{cfg.run_dir}: run folder already exists (use --overwrite to replace it)")
+        raise MeerkatError(f"{cfg.run_dir}: {EXISTS}")
+    check_writable_dir(Path(cfg.output_dir), "output_dir")
+    check_writable_dir(cache_root(cfg.model), "model.cache_dir")
     data = prepare_data(cfg)                      # bad data input fails here, before any model
     mask, theta0, executor = make_executor(cfg, data, progress)
+    new_dir = None
     try:
-        writer = open_run_dir(cfg, data, mask, theta0, overwrite, resume)
+        if resume is None:
+            new_dir = prepare_run_dir(cfg, overwrite)
+        writer = open_run_dir(cfg, data, mask, theta0, new_dir, resume)
         if progress:
             sizes = data.client_sizes
             print(f"{cfg.name}: {cfg.model.name} on {cfg.data.task}, {len(sizes)} clients ({cfg.data.partition}, "
@@ -166,6 +216,10 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
         server = executor.local_server(server)  # the final state, in this process
         if not torch.equal(executor.global_theta(), server.theta):
             raise RuntimeError("client workers and server disagree on the global values")
+    except BaseException:
+        if new_dir is not None and not (new_dir / CHECKPOINT_FILE).is_file():
+            shutil.rmtree(new_dir, ignore_errors=True)  # a new folder with nothing to resume: leave none
+        raise
     finally:
         executor.close()
     run_dir = writer.dir

@@ -46,6 +46,7 @@ class TuneSettings:
     num_samples: int = 1           # repeats of the whole grid (grid over `seed` for different draws)
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
     scheduler: str = "none"        # none | asha (stop weak trials early, at rungs of rounds)
+    max_failures: int = 2          # a failed trial is retried this many times, from its last round's checkpoint
     asha: ASHASettings = field(default_factory=ASHASettings)
 
 
@@ -117,6 +118,7 @@ def _check_tune(data: Any, source: Path) -> TuneSettings:
         ("tune.scheduler", settings.scheduler in ("none", "asha"), "none or asha", settings.scheduler),
         ("tune.num_samples", settings.num_samples >= 1, ">= 1", settings.num_samples),
         ("tune.max_concurrent_trials", settings.max_concurrent_trials >= 0, ">= 0", settings.max_concurrent_trials),
+        ("tune.max_failures", settings.max_failures >= 0, ">= 0", settings.max_failures),
         ("tune.asha.grace_period", settings.asha.grace_period >= 1, ">= 1", settings.asha.grace_period),
         ("tune.asha.reduction_factor", settings.asha.reduction_factor >= 2, ">= 2", settings.asha.reduction_factor),
         ("tune.asha.max_t", settings.asha.max_t >= 0, ">= 0", settings.asha.max_t),

@@ -64,7 +64,7 @@ def run_trial(params: dict, base: dict, runs_dir: str) -> None:
     if cfg.ray.backend == "local":  # the clients run in this process: one thread per CPU of its bundle
         torch.set_num_threads(cfg.model.num_threads or max(1, int(cfg.ray.cpus_per_client)))
     resume = None
-    checkpoint = tune.get_checkpoint()
+    checkpoint = tune.get_checkpoint()  # set when Tune retries a failed trial or resumes a sweep
     if checkpoint is not None and (cfg.run_dir / "metrics.jsonl").is_file():
         with checkpoint.as_directory() as folder:
             resume = RunCheckpoint.load(folder)
@@ -147,9 +147,10 @@ def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
     return folder
 
 
-def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool) -> tune.Tuner:
+def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_fn=run_trial) -> tune.Tuner:
+    """`trial_fn(params, base, runs_dir)` is the trainable (`run_trial`; tests wrap it to inject faults)."""
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=sweep.base, runs_dir=str(folder / "runs")),
+        tune.with_parameters(trial_fn, base=sweep.base, runs_dir=str(folder / "runs")),
         resources=functools.partial(trial_resources, sweep.base))
     if resume:
         return tune.Tuner.restore(str(folder / EXPERIMENT), trainable=trainable, resume_unfinished=True,
@@ -167,7 +168,9 @@ def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool) -> tune
                                     max_concurrent_trials=t.max_concurrent_trials or None, scheduler=scheduler,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder), verbose=1 if progress else 0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  # a failed trial restarts from its latest checkpoint (run_trial resumes it)
+                                  failure_config=tune.FailureConfig(max_failures=t.max_failures)),
     )
 
 

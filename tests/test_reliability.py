@@ -1,0 +1,350 @@
+"""Faults survived: hostile and broken clients (robust aggregation, clipping, NaN), client actors
+killed at random (ray.chaos_kill_prob), a run killed with SIGKILL and resumed, a Tune trial that
+fails and retries from its checkpoint. Every recovery must end bit for bit where a fault-free run
+ends (`sparse_final.safetensors`, `path.parquet`, metrics rows)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meerkat_ray.cli import main
+from meerkat_ray.client import ClientWorker
+from meerkat_ray.config import load_config
+from meerkat_ray.errors import ConfigError
+from meerkat_ray.messages import ClientPlan, ClientResult
+from meerkat_ray.path import (ClientPath, aggregation_terms, derive_seed, paths_from_frame, replay_path,
+                              robust_location)
+from meerkat_ray.runlog import load_theta, read_metrics, read_path
+from meerkat_ray.runner import run_experiment
+from meerkat_ray.server import Server
+
+TINY = ["model.name=tiny-llama", "model.num_threads=1", "data.task=tweets2", "data.max_length=32",
+        "data.num_test=32", "mask.calib_num_seqs=2", "mask.calib_seq_len=32", "mask.cache=false",
+        "mask.density=0.01", "data.batch_size=4", "zo.lr=1e-2"]
+
+
+def timeless(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(run_dir)]
+
+
+def assert_same_run(a: Path, b: Path, ignore=()) -> None:
+    assert torch.equal(load_theta(a / "sparse_final.safetensors"), load_theta(b / "sparse_final.safetensors"))
+    assert read_path(a).equals(read_path(b))
+    drop = lambda rows: [{k: v for k, v in m.items() if k not in ignore} for m in rows]  # noqa: E731
+    assert drop(timeless(a)) == drop(timeless(b))
+
+
+# ----------------------------------------------------------------------------- robust aggregation
+
+def test_robust_statistics_on_hand_computed_numbers():
+    assert robust_location([3.0, -1.0, 2.0], "median") == 2.0
+    assert robust_location([4.0, 1.0, 3.0, 2.0], "median") == 2.5           # even: mean of the middle two
+    assert robust_location([1e9, 1.0, 2.0, 3.0, -1e9], "trimmed_mean", 0.2) == 2.0  # one cut from each end
+    assert robust_location([1.0, 2.0, 6.0], "trimmed_mean", 0.2) == 3.0     # floor(0.6) = 0: the plain mean
+    assert robust_location([5.0], "median") == 5.0
+
+
+def test_robust_terms_weigh_by_the_clients_that_ran_each_step():
+    """Client 2 was early-stopped (1 step): step 0 has three voters, step 1 two; W_t is their weight."""
+    seeds = [11, 22]
+    paths = [ClientPath(0, 0.5, seeds, [1.0, 4.0], 0.1), ClientPath(1, 0.3, seeds, [3.0, 2.0], 0.1),
+             ClientPath(2, 0.2, seeds[:1], [100.0], 0.1)]
+    median = aggregation_terms(paths, "round", "median")
+    assert [(t.seed, t.lr) for t in median] == [(11, 0.1), (22, 0.1)]
+    assert median[0].coef == pytest.approx(1.0 * 3.0) and median[1].coef == pytest.approx(0.8 * 3.0)
+    mean = aggregation_terms(paths, "round", "mean")  # FedAvg for comparison: the outlier dominates step 0
+    assert mean[0].coef == pytest.approx(0.5 + 0.9 + 20.0) and mean[1].coef == pytest.approx(2.0 + 0.6)
+    with pytest.raises(ValueError):
+        aggregation_terms(paths, "client", "median")
+
+
+@pytest.mark.parametrize("override", ["fed.aggregation=median", "fed.aggregation=trimmed_mean"])
+def test_robust_aggregation_needs_round_shared_seeds(override):
+    with pytest.raises(ConfigError, match="^fed.aggregation: .*fed.seed_sharing=round"):
+        load_config(None, [override, "fed.seed_sharing=client"])
+    assert load_config(None, [override]).fed.seed_sharing == "round"
+
+
+def test_the_server_refuses_scalars_above_the_clip():
+    plan = ClientPlan(round=1, client=0, seeds=[1, 2], steps=2, lr=0.1, cursor=0)
+    ok = ClientResult(round=1, client=0, scalars=[0.5, -0.5], losses=[1.0, 1.0])
+    big = ClientResult(round=1, client=0, scalars=[0.5, -0.7], losses=[1.0, 1.0])
+    assert Server.check_result(plan, ok, clip=0.5) == "" and Server.check_result(plan, big, clip=0.0) == ""
+    assert "zo.clip" in Server.check_result(plan, big, clip=0.5)
+
+
+ROBUST = TINY + ["data.num_train=100", "data.num_clients=5", "data.partition=iid", "fed.rounds=2",
+                 "fed.local_steps=3", "fed.eval_every=2", "vp.enabled=false", "ray.backend=local"]
+ATTACKER = 0
+
+
+def run_with_attacker(monkeypatch, tmp_path, name, scale, *overrides) -> Path:
+    """A local run in which client ATTACKER multiplies its scalars by `scale` (NaN: sends NaN)."""
+    honest_run = ClientWorker.run
+
+    def run(self, plan):
+        result = honest_run(self, plan)
+        if plan.client == ATTACKER:
+            result.scalars = [s * scale for s in result.scalars]
+        return result
+
+    monkeypatch.setattr(ClientWorker, "run", run)
+    run_experiment(load_config(None, [*ROBUST, *overrides, f"name={name}", f"output_dir={tmp_path}"]), progress=False)
+    monkeypatch.undo()
+    return tmp_path / name
+
+
+def test_a_malicious_client_is_outvoted_by_the_median_but_wrecks_the_mean(monkeypatch, tmp_path):
+    """Client 0 sends its scalars times 1e6 (finite, so not rejected). Reference: the same
+    federation with the attacker's results refused (it sends NaN) - the honest-only result."""
+    honest = run_with_attacker(monkeypatch, tmp_path, "honest", math.nan)
+    median = run_with_attacker(monkeypatch, tmp_path, "median", 1e6, "fed.aggregation=median")
+    trimmed = run_with_attacker(monkeypatch, tmp_path, "trimmed", 1e6, "fed.aggregation=trimmed_mean",
+                                "fed.trim_fraction=0.2")
+    mean = run_with_attacker(monkeypatch, tmp_path, "mean", 1e6)
+
+    # the NaN client: rejected every round, counted, and the run went on without it
+    rounds = read_metrics(honest)[1:]
+    assert [m["rejected_clients"] for m in rounds] == [[ATTACKER]] * 2
+    assert all("non-finite" in m["rejected_reasons"][str(ATTACKER)] for m in rounds)
+    assert set(read_path(honest)["client"]) == {1, 2, 3, 4}
+
+    init = load_theta(honest / "sparse_init.safetensors")
+    theta = {run.name: load_theta(run / "sparse_final.safetensors") for run in (honest, median, trimmed, mean)}
+    moved = float((theta["honest"] - init).norm())
+    off = {name: float((t - theta["honest"]).norm()) / moved for name, t in theta.items()}
+    assert moved > 0 and off["honest"] == 0
+    # per shared seed, the robust coefficient stays inside what the honest clients sent (times
+    # the total weight W_t), however large the attacker's scalar; the mean's does not
+    for run, aggregation, trim in ((median, "median", 0.0), (trimmed, "trimmed_mean", 0.2), (mean, "mean", 0.0)):
+        rows = read_path(run)
+        for _, step_rows in rows.groupby("round"):
+            terms = aggregation_terms(paths_from_frame(step_rows), "round", aggregation, trim)
+            for term, (_, seed_rows) in zip(terms, step_rows.groupby("step", sort=True)):
+                honest_rows = seed_rows[seed_rows["client"] != ATTACKER]
+                total = float(seed_rows["weight"].sum())
+                inside = total * honest_rows["scalar"].min() <= term.coef <= total * honest_rows["scalar"].max()
+                assert inside == (aggregation != "mean"), (aggregation, term.coef)
+    # so the model moved by as much as honest training moves it (noisy on a random tiny model),
+    # not by the attacker's 1e6
+    assert off["median"] < 3.0 and off["trimmed"] < 3.0, off
+    assert off["mean"] > 1e3                              # the same test fails without a robust rule
+    for run in (median, trimmed):
+        assert all(math.isfinite(m["test_loss"]) for m in read_metrics(run) if m.get("test_loss") is not None)
+        assert read_metrics(run)[-1]["rejected_clients"] == []  # outvoted, not refused
+    # path.parquet + the two config keys still replay sparse_final bit for bit
+    assert torch.equal(replay_path(init, read_path(median), aggregation="median"), theta["median"])
+    assert torch.equal(replay_path(init, read_path(trimmed), aggregation="trimmed_mean", trim_fraction=0.2),
+                       theta["trimmed"])
+
+
+def test_clipped_scalars_reach_the_path_and_replay(tmp_path):
+    run_experiment(load_config(None, [*ROBUST, "zo.clip=0.05", "name=clip", f"output_dir={tmp_path}"]),
+                   progress=False)
+    path = read_path(tmp_path / "clip")
+    assert path["scalar"].abs().max() == 0.05  # clipped on the client (and some steps did hit the clip)
+    assert (path["scalar"].abs() < 0.05).any()
+    init = load_theta(tmp_path / "clip" / "sparse_init.safetensors")
+    assert torch.equal(replay_path(init, path), load_theta(tmp_path / "clip" / "sparse_final.safetensors"))
+
+
+# ----------------------------------------------------------------------------- dead client actors
+
+CHAOS = TINY + ["data.num_train=120", "data.num_clients=5", "data.partition=mixed", "fed.rounds=2",
+                "fed.local_steps=3", "vp.calib_steps=3", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0"]
+KILL_PROB = 0.3
+
+
+@pytest.mark.ray
+def test_client_actors_killed_at_random_change_nothing_but_the_retry_counts(ray_cluster, tmp_path):
+    """2 actors, each dispatch followed by a kill with probability 0.3; the killed actor's clients
+    are re-run on the other actor or on its replacement. The draws are seeded: the first ten (one
+    per client and round at least) contain a kill, so this run really does lose actors."""
+    assert (np.random.default_rng(derive_seed(0, "chaos")).random(10) < KILL_PROB).any()
+    run_experiment(load_config(None, [*CHAOS, "ray.backend=local", "name=calm", f"output_dir={tmp_path}"]),
+                   progress=False)
+    run_experiment(load_config(None, [*CHAOS, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5",
+                                      f"ray.chaos_kill_prob={KILL_PROB}", "name=chaos", f"output_dir={tmp_path}"]),
+                   progress=False)
+    calm, chaos = tmp_path / "calm", tmp_path / "chaos"
+    assert_same_run(calm, chaos, ignore=("retries", "actor_restarts"))
+    rounds = read_metrics(chaos)[1:]
+    assert sum(m["actor_restarts"] for m in rounds) >= 1 and sum(m["retries"] for m in rounds) >= 1
+    assert all(m["retries"] == 0 and m["actor_restarts"] == 0 for m in read_metrics(calm)[1:])
+    assert ray_cluster.is_initialized()
+
+
+# ----------------------------------------------------------------------------- killed runs resume
+
+RESUMABLE = TINY + ["data.num_train=96", "data.num_clients=3", "data.partition=mixed", "fed.rounds=30",
+                    "fed.local_steps=2", "fed.eval_every=10", "vp.calib_steps=4", "ray.backend=local"]
+
+
+def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, capsys):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "meerkat_ray", "run", *RESUMABLE, "name=killed",
+                             f"output_dir={tmp_path}", "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run_experiment(load_config(None, [*RESUMABLE, "name=whole", f"output_dir={tmp_path}"]), progress=False)
+    killed = tmp_path / "killed"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > 3:  # round 3 is written
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "sparse_final.safetensors").exists()
+    done = len(read_metrics(killed)) - 1
+    assert 3 <= done < 30
+
+    assert main(["run", "--resume", str(killed), "--quiet"]) == 0
+    assert_same_run(tmp_path / "whole", killed)
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["final_accuracy"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["final_accuracy"]
+    assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    """A finished 2-round run (its checkpoint is the last round's)."""
+    root = tmp_path_factory.mktemp("short")
+    run_experiment(load_config(None, [*RESUMABLE, "fed.rounds=2", "name=short", f"output_dir={root}"]),
+                   progress=False)
+    return root / "short"
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, to))
+
+
+def resume_error(capsys, *argv) -> str:
+    code = main(["run", *argv, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    return err[0]
+
+
+def test_resuming_a_finished_run_rewrites_the_same_results(short_run, tmp_path, capsys):
+    run = copy_run(short_run, tmp_path / "again")
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(short_run, run)
+
+
+def _damage_config(run: Path) -> str:
+    text = (run / "config.yaml").read_text().replace("lr: 0.01", "lr: 0.02")
+    (run / "config.yaml").write_text(text)
+    return "zo.lr"
+
+
+def _truncate(run: Path, name: str) -> str:
+    data = (run / name).read_bytes()
+    (run / name).write_bytes(data[: len(data) // 2])
+    return name
+
+
+def _foreign_mask(run: Path) -> str:
+    """A mask of another density from another run: its size does not fit the checkpoint."""
+    from meerkat_ray.mask import load_mask, save_mask
+
+    mask = load_mask(run / "mask.safetensors")
+    first = next(iter(mask.indices))
+    mask.indices[first] = mask.indices[first][:-1]
+    mask.pretrain_grad = mask.pretrain_grad[:-1] if mask.pretrain_grad is not None else None
+    save_mask(mask, run / "mask.safetensors")
+    return "mask"
+
+
+DAMAGE = {  # how a run folder is broken -> what the error line must name
+    "config-differs": _damage_config,
+    "no-checkpoint": lambda run: (run / "checkpoint.safetensors").unlink() or "checkpoint.safetensors",
+    "truncated-checkpoint": lambda run: _truncate(run, "checkpoint.safetensors"),
+    "truncated-mask": lambda run: _truncate(run, "mask.safetensors"),
+    "foreign-mask": _foreign_mask,
+    "no-config": lambda run: (run / "config.yaml").unlink() or "config.yaml",
+    "broken-metrics": lambda run: ((run / "metrics.jsonl").write_text("{round: \n"), "metrics.jsonl")[1],
+    "truncated-path": lambda run: _truncate(run, "path.parquet"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_refuses_a_damaged_or_changed_run_folder_and_leaves_it_alone(short_run, tmp_path, capsys, damage):
+    run = copy_run(short_run, tmp_path / "run")
+    name = DAMAGE[damage](run)
+    files = lambda: {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    line = resume_error(capsys, "--resume", str(run))
+    assert name in line and str(run) in line, line
+    assert files() == before
+
+
+def test_resume_refuses_a_missing_folder_extra_items_and_overwrite(short_run, tmp_path, capsys):
+    assert "no such run folder" in resume_error(capsys, "--resume", str(tmp_path / "nope"))
+    assert "takes no config" in resume_error(capsys, "--resume", str(short_run), "fed.rounds=5")
+    assert "exclude each other" in resume_error(capsys, "--resume", str(short_run), "--overwrite")
+
+
+def test_an_existing_run_folder_is_refused_unless_resume_or_overwrite(short_run, tmp_path, capsys):
+    line = resume_error(capsys, *RESUMABLE, "fed.rounds=2", "name=short", f"output_dir={short_run.parent}")
+    assert "already exists" in line and "--resume" in line and "--overwrite" in line
+
+
+# ----------------------------------------------------------------------------- Tune trials retry
+
+def flaky_trial(params, base, runs_dir):
+    """run_trial, except that the first attempt of each trial fails right after reporting round 1."""
+    from ray import tune as ray_tune
+
+    from meerkat_ray import tune as sweep_tune
+
+    real = ray_tune.report
+    marker = Path(runs_dir).parent / f"failed-{ray_tune.get_context().get_trial_id()}"
+
+    def report(metrics, checkpoint=None):
+        real(metrics, checkpoint=checkpoint)
+        if metrics["round"] == 1 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected trial failure")
+
+    ray_tune.report = report
+    try:
+        sweep_tune.run_trial(params, base, runs_dir)
+    finally:
+        ray_tune.report = real
+
+
+@pytest.mark.ray
+def test_a_failed_tune_trial_retries_from_its_checkpoint(ray_cluster, tmp_path):
+    from ray import cloudpickle
+
+    from meerkat_ray.sweep import load_sweep, point_config
+    from meerkat_ray.tune import make_tuner, open_sweep_folder
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial process cannot import tests/
+    root = Path(__file__).resolve().parents[1]
+    sweep = load_sweep(root / "tune_configs" / "smoke.yaml",
+                       ["grid.mask.density=[0.01]", "grid.fed.local_steps=[2]", "fed.rounds=3", "mask.cache=false",
+                        "model.num_threads=1", f"tune.output_dir={tmp_path}", "tune.max_failures=1"])
+    folder = open_sweep_folder(sweep, resume=False, overwrite=False)
+    results = make_tuner(sweep, folder, resume=False, progress=False, trial_fn=flaky_trial).fit()
+    assert len(results) == 1 and results[0].error is None and results[0].metrics["round"] == 3
+    assert len(list(folder.glob("failed-*"))) == 1  # it did fail once
+    trial_run = Path(results[0].metrics["run_dir"])
+
+    cfg = point_config(sweep.base, sweep.points[0])
+    cfg.name, cfg.output_dir = "straight", str(tmp_path)
+    run_experiment(cfg, progress=False)
+    assert_same_run(tmp_path / "straight", trial_run)
