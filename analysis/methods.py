@@ -51,16 +51,24 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def inert(key: str, flat: dict) -> bool:
+    """A key that has no effect on this run: the VPCS settings with `vp.enabled` false, the trim
+    fraction without trimmed-mean aggregation."""
+    if key.startswith("vp.") and not flat.get("vp.enabled", False):
+        return True
+    return key == "fed.trim_fraction" and flat.get("fed.aggregation", "mean") != "trimmed_mean"
+
+
 def varying_keys(runs: list[Run]) -> list[str]:
-    """Dotted config keys whose value differs between the runs (in config order), except
-    method keys, seeds and keys that only say where / how a run was executed."""
+    """Dotted config keys whose value differs between the runs it has an effect on (in config
+    order), except method keys, seeds and keys that only say where / how a run was executed."""
     flat = [flatten(r.config) for r in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     out = []
     for key in keys:
         if key in METHOD_KEYS or key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
             continue
-        values = {repr(f.get(key)) for f in flat}
+        values = {repr(f.get(key)) for f in flat if not inert(key, f)}
         if len(values) > 1:
             out.append(key)
     return out

@@ -72,7 +72,7 @@ class _Builder:
         self.c, self.out = collection, out
         self.groups = group_runs(collection.runs)
         self.table = results_table(collection)
-        if collection.kind != "run":
+        if collection.kind == "runs":  # where in the folder (a sweep's trials all sit in runs/)
             self.table["run"] = [str(r.dir.relative_to(collection.root)) for r in collection.runs]
         self.figures: list[Figure] = []
 

@@ -217,8 +217,10 @@ def find_run_dirs(folder: Path, depth: int = MAX_DEPTH) -> list[Path]:
 def load(folder: str | Path) -> Collection:
     """A run folder, a sweep folder (sweep.yaml + runs/) or a folder holding run folders."""
     root = Path(folder)
-    if not root.is_dir():
+    if not root.exists():
         raise AnalysisError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise AnalysisError(f"{root}: not a folder")
     if is_run_dir(root):
         return Collection(root, "run", [load_run(root)])
     if is_sweep_dir(root):

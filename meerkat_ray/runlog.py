@@ -9,6 +9,7 @@
   sparse_final.safetensors masked values after training
   clients.json             per client: data size, label histogram, truly extreme or not
   summary.json             final / zero-shot accuracy, totals, flagged vs extreme clients
+  tb/                      TensorBoard event file: the per-round scalars, appended as the run goes
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -89,6 +92,7 @@ class RunWriter:
         self.dir = Path(run_dir)
         self.metrics: list[dict] = []
         self.path_frames: list[pd.DataFrame] = []
+        self.scalars = ScalarLog(self.dir / "tb")
 
     def write_config(self, cfg_dict: dict) -> None:
         write_text(self.dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
@@ -100,12 +104,60 @@ class RunWriter:
         if path_rows is not None and len(path_rows):
             self.path_frames.append(path_rows[PATH_COLUMNS])
         self.write_path()
+        self.scalars.add_round(self.metrics)
 
     def write_path(self) -> None:
         frame = (pd.concat(self.path_frames, ignore_index=True) if self.path_frames
                  else pd.DataFrame({c: pd.Series(dtype="float64") for c in PATH_COLUMNS}))
         with atomic_path(self.dir / "path.parquet") as tmp:
             frame.to_parquet(tmp, index=False)
+
+
+# metrics.jsonl field -> TensorBoard tag (per round; totals are added as bytes/*_total)
+TB_TAGS = {"accuracy": "accuracy/test", "train_loss": "loss/train", "test_loss": "loss/test",
+           "uplink_bytes": "bytes/uplink_round", "downlink_bytes": "bytes/downlink_round",
+           "local_steps": "steps/local_round", "wall_s": "time/round_s", "compute_s": "time/compute_s"}
+
+
+class ScalarLog:
+    """Per-round scalars as a TensorBoard event file, `tensorboard --logdir` over run folders.
+
+    Appends one batch of records per round to one file and closes it again: no writer thread,
+    nothing to close at the end, and a resumed run continues the same file."""
+
+    FILE = "events.out.tfevents.meerkat-ray"
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / self.FILE
+
+    def add_round(self, metrics: list[dict]) -> None:
+        """Log the last round of `metrics` (all rounds so far, for the running totals)."""
+        from tensorboardX.proto.event_pb2 import Event  # the training process only; torch is loaded already
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        last = metrics[-1]
+        values = {tag: last.get(key) for key, tag in TB_TAGS.items()}
+        values["bytes/uplink_total"] = sum(m.get("uplink_bytes") or 0 for m in metrics)
+        values["bytes/downlink_total"] = sum(m.get("downlink_bytes") or 0 for m in metrics)
+        values["clients/flagged"] = len(last.get("flagged_clients") or [])
+        values["clients/rejected"] = len(last.get("rejected_clients") or [])
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()
+                                 if isinstance(v, (int, float)) and math.isfinite(v)])
+        events = [Event(wall_time=time.time(), step=int(last["round"]), summary=summary)]
+        self.path.parent.mkdir(exist_ok=True)
+        if not self.path.is_file():
+            events.insert(0, Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
+        with open(self.path, "ab") as f:
+            for event in events:
+                f.write(_tf_record(event.SerializeToString()))
+
+
+def _tf_record(data: bytes) -> bytes:
+    """One TFRecord: length, masked CRC of the length, data, masked CRC of the data."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -1,0 +1,277 @@
+"""Figures and tables of analysis/findings/README.md that `meerkat-ray analyze` does not draw.
+
+Reads only run-folder files (summary.json, config.yaml, clients.json, path.parquet) under
+runs/findings/<part>/ as written by analysis/findings/run_all.sh, writes PNGs into
+analysis/findings/ and prints the markdown tables the findings page quotes.
+
+    .venv/bin/python analysis/findings/figures.py [--runs runs/findings] [--out analysis/findings]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+DPI = 110
+VPCS = {"sigma": 0.5, "rho": 2.0, "min_quiet_fraction": 0.6, "early_fraction": 0.2, "late_fraction": 0.5}
+
+
+# ----------------------------------------------------------------------------- reading
+
+def runs_of(folder: Path) -> list[dict]:
+    """Every finished run folder under `folder`: its name, flat config and summary."""
+    out = []
+    for summary in sorted(folder.glob("*/summary.json")):
+        run = summary.parent
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        out.append({"name": run.name, "dir": run, "cfg": cfg, "summary": json.loads(summary.read_text())})
+    return out
+
+
+def se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n test examples."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def acc_cell(s: dict) -> str:
+    p, n = s["final_accuracy"], s["num_test"]
+    return f"{p:.3f} ± {se(p, n):.3f}"
+
+
+# ----------------------------------------------------------------------------- (a) GradIP
+
+def vpcs_statistics(traj: dict[str, np.ndarray], steps: int) -> pd.DataFrame:
+    """The rule of meerkat_ray/gradip.py, re-implemented on |GradIP| of the first `steps` steps:
+    population reference = median over clients of the early means."""
+    n_early = max(1, round(VPCS["early_fraction"] * steps))
+    n_late = max(1, min(steps - n_early, round(VPCS["late_fraction"] * steps)))
+    absolute = {k: np.abs(v[:steps]) for k, v in traj.items()}
+    early = {k: v[:n_early].mean() for k, v in absolute.items()}
+    ref = float(np.median(list(early.values())))
+    rows = []
+    for k, v in absolute.items():
+        late = v[steps - n_late:]
+        rho = early[k] / late.mean()
+        quiet = float((late < VPCS["sigma"] * ref).mean())
+        rows.append({"client": k, "steps": steps, "rho_later": rho, "quiet": quiet,
+                     "flagged": rho > VPCS["rho"] and quiet > VPCS["min_quiet_fraction"]})
+    return pd.DataFrame(rows)
+
+
+def part_a(root: Path, out: Path) -> None:
+    runs = {r["name"]: r for r in runs_of(root / "a")}
+    if not runs:
+        return
+    traj, scal, labels = {}, {}, {}
+    for name in ("single-label", "iid"):
+        if name not in runs:
+            continue
+        run = runs[name]
+        path = pd.read_parquet(run["dir"] / "path.parquet").sort_values(["client", "round", "step"])
+        clients = json.loads((run["dir"] / "clients.json").read_text())
+        for c in clients:
+            rows = path[path.client == c["client"]]
+            neg, pos = c["label_histogram"]
+            key = f"{name} {c['client']}"
+            labels[key] = (f"single-label ({'negative' if pos == 0 else 'positive'})" if name == "single-label"
+                           else f"IID client {c['client']} ({neg}/{pos} neg/pos)")
+            traj[key] = rows.grad_ip.to_numpy()
+            scal[key] = rows.scalar.to_numpy()
+    fig, axes = plt.subplots(3, 1, figsize=(9, 9.5), sharex=True)
+    colours = {"single-label": ["#c0392b", "#e67e22"], "iid": ["#1f4e9c", "#16a085"]}
+    window = 10
+    for i, key in enumerate(traj):
+        kind = key.split()[0]
+        colour = colours[kind][int(key.split()[1]) % 2]
+        steps = np.arange(1, len(traj[key]) + 1)
+        axes[0].plot(steps, traj[key], color=colour, lw=0.8, alpha=0.8, label=labels[key])
+        roll = pd.Series(np.abs(traj[key])).rolling(window, min_periods=1).mean()
+        axes[1].plot(steps, roll, color=colour, lw=1.6, label=labels[key])
+        roll_s = pd.Series(np.abs(scal[key])).rolling(window, min_periods=1).mean()
+        axes[2].plot(steps, roll_s, color=colour, lw=1.6, label=labels[key])
+    axes[0].set_yscale("symlog", linthresh=1.0)
+    axes[0].set_ylabel("GradIP (symlog)")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel(f"|GradIP|, running mean of {window}")
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel(f"|projected gradient g|, running mean of {window}")
+    axes[2].set_xlabel("local step (one round of 100 steps from the pre-trained model)")
+    axes[0].legend(fontsize=8, ncol=2)
+    axes[0].set_title("GradIP over 100 local steps: single-label vs IID clients (Meerkat mask, lr 5e-4)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "a_gradip.png", dpi=DPI)
+    plt.close(fig)
+
+    print("\n### (a) VPCS statistics on the 4 trajectories (population reference over all 4)\n")
+    print("| calibration steps | client | rho_later | quiet fraction | flagged |")
+    print("|---|---|---|---|---|")
+    for steps in (15, 30, 50, 100):
+        stats = vpcs_statistics(traj, steps)
+        for _, row in stats.iterrows():
+            print(f"| {steps} | {labels[row.client]} | {row.rho_later:.2f} | {row.quiet:.2f} | "
+                  f"{'yes' if row.flagged else 'no'} |")
+    print("\n| client | mean abs GradIP steps 1-20 | steps 51-100 | late/early | mean abs g 1-20 | 51-100 |")
+    print("|---|---|---|---|---|---|")
+    for key in traj:
+        a, g = np.abs(traj[key]), np.abs(scal[key])
+        print(f"| {labels[key]} | {a[:20].mean():.2f} | {a[50:].mean():.2f} | {a[50:].mean() / a[:20].mean():.2f} | "
+              f"{g[:20].mean():.2f} | {g[50:].mean():.2f} |")
+    for name, run in runs.items():
+        s = run["summary"]
+        print(f"\n{name}: zero-shot {s['zero_shot_accuracy']:.3f}, after 100 local steps (plain average) "
+              f"{acc_cell(s)}, test loss {s['final_test_loss']:.4f}")
+
+
+# ----------------------------------------------------------------------------- (b) masks
+
+MASKS = [("pretrain_grad", "Meerkat (pretrain_grad)", "#c0392b"), ("full", "Full-FedZO (full)", "#555555"),
+         ("weight_magnitude", "weight magnitude", "#1f4e9c"), ("random", "random", "#16a085")]
+
+
+def part_b(root: Path, out: Path) -> None:
+    runs = runs_of(root / "b")
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    rows = []
+    for kind, label, colour in MASKS:
+        mine = sorted((r for r in runs if r["cfg"]["mask"]["kind"] == kind), key=lambda r: r["cfg"]["zo"]["lr"])
+        if not mine:
+            continue
+        lrs = [r["cfg"]["zo"]["lr"] for r in mine]
+        accs = [r["summary"]["final_accuracy"] for r in mine]
+        errs = [se(a, r["summary"]["num_test"]) for a, r in zip(accs, mine)]
+        ax.errorbar(lrs, accs, yerr=errs, marker="o", capsize=3, color=colour, label=label)
+        for r in mine:
+            s = r["summary"]
+            path = pd.read_parquet(r["dir"] / "path.parquet")
+            rows.append({"mask": label, "n": s["mask_size"], "lr": r["cfg"]["zo"]["lr"], "acc": acc_cell(s),
+                         "p": s["final_accuracy"], "loss": s["final_test_loss"],
+                         "rms_g": float(np.sqrt((path.scalar ** 2).mean())),
+                         "up": s["uplink_bytes"], "down": s["downlink_bytes"], "steps": s["local_steps"],
+                         "wall": s["train_wall_s"]})
+    zero = runs[0]["summary"]["zero_shot_accuracy"]
+    ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("test accuracy (200 tweets, ± 1 s.e.)")
+    ax.set_title("Masks at equal steps (3 clients, Dirichlet α=0.5, T=5, R=3): accuracy vs lr")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "b_masks_lr.png", dpi=DPI)
+    plt.close(fig)
+    table = pd.DataFrame(rows)
+    print("\n### (b) masks: every grid point\n")
+    print("| mask | n | lr | accuracy ± s.e. | test loss | RMS of g | uplink B | downlink B | local steps | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in table.itertuples():
+        print(f"| {r.mask} | {r.n:,} | {r.lr:g} | {r.acc} | {r.loss:.4f} | {r.rms_g:.2f} | {r.up:,} | {r.down:,} | "
+              f"{r.steps} | {r.wall:.0f} |")
+
+
+# ----------------------------------------------------------------------------- (c) T, (d) vp
+
+def grouped(runs: list[dict], key) -> dict:
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def seed_table(title: str, groups: dict) -> None:
+    print(f"\n### {title}\n")
+    print("| setting | seed | zero-shot | final accuracy ± s.e. | test loss | local steps | uplink B | downlink B | flagged | truly extreme |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, runs in groups.items():
+        for r in sorted(runs, key=lambda r: r["cfg"]["seed"]):
+            s = r["summary"]
+            print(f"| {label} | {r['cfg']['seed']} | {s['zero_shot_accuracy']:.3f} | {acc_cell(s)} | "
+                  f"{s['final_test_loss']:.4f} | {s['local_steps']} | {s['uplink_bytes']:,} | {s['downlink_bytes']:,} | "
+                  f"{s['flagged_clients'] if s['vp_decided_round'] is not None else '-'} | {s['extreme_clients']} |")
+        accs = [r["summary"]["final_accuracy"] for r in runs]
+        if len(accs) > 1:
+            print(f"| {label} | mean of {len(accs)} | | {np.mean(accs):.3f} (seed s.d. {np.std(accs, ddof=1):.3f}) | | | | | | |")
+
+
+def bar_plot(groups: dict, file: Path, title: str, xlabel: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    labels = list(groups)
+    for i, label in enumerate(labels):
+        runs = sorted(groups[label], key=lambda r: r["cfg"]["seed"])
+        accs = [r["summary"]["final_accuracy"] for r in runs]
+        errs = [se(a, r["summary"]["num_test"]) for a, r in zip(accs, runs)]
+        xs = i + np.linspace(-0.15, 0.15, len(runs)) if len(runs) > 1 else [i]
+        ax.errorbar(xs, accs, yerr=errs, fmt="o", capsize=3, color="#1f4e9c")
+        for x, r in zip(xs, runs):
+            ax.annotate(f"s{r['cfg']['seed']}", (x, r["summary"]["final_accuracy"]), fontsize=7,
+                        xytext=(4, 0), textcoords="offset points")
+        ax.plot([i - 0.25, i + 0.25], [np.mean(accs)] * 2, color="#c0392b", lw=2)
+    zero = next(iter(groups.values()))[0]["summary"]["zero_shot_accuracy"]
+    ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f}")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (200 tweets, ± 1 s.e.)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(file, dpi=DPI)
+    plt.close(fig)
+
+
+def part_c(root: Path, out: Path) -> None:
+    runs = runs_of(root / "c")
+    if not runs:
+        return
+    groups = grouped(sorted(runs, key=lambda r: r["cfg"]["fed"]["local_steps"]),
+                     lambda r: f"T={r['cfg']['fed']['local_steps']}, R={r['cfg']['fed']['rounds']}")
+    seed_table("(c) local steps per round at 40 local steps per client", groups)
+    bar_plot(groups, out / "c_local_steps.png",
+             "Sync frequency at equal total steps (3 clients, Dirichlet α=0.5)", "local steps per round, rounds")
+
+
+def part_d(root: Path, out: Path) -> None:
+    runs = runs_of(root / "d")
+    if not runs:
+        return
+
+    def label(r):
+        vp = r["cfg"]["vp"]
+        return "Meerkat" if not vp["enabled"] else ("Meerkat-vp" if vp["policy"] == "gradip" else "random stop")
+
+    order = {"Meerkat": 0, "Meerkat-vp": 1, "random stop": 2}
+    groups = grouped(sorted(runs, key=lambda r: order[label(r)]), label)
+    seed_table("(d) Meerkat vs Meerkat-vp vs random early stopping (mixed partition)", groups)
+    print("\nVPCS statistics per run (decided after round 3 on 15 steps per client):\n")
+    for r in runs:
+        s = r["summary"]
+        if s["vpcs"]:
+            stats = ", ".join(f"{k}: rho {v['rho_later']:.2f} quiet {v['quiet_fraction']:.2f}" for k, v in s["vpcs"].items())
+            print(f"- {r['name']} (seed {r['cfg']['seed']}): flagged {s['flagged_clients']}, extreme {s['extreme_clients']}; {stats}")
+    bar_plot(groups, out / "d_vp.png", "Early stopping on a mixed partition (4 clients, 2 single-label)", "method")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs/findings", help="folder holding the parts' run folders")
+    parser.add_argument("--out", default=str(Path(__file__).parent), help="where the PNGs go")
+    args = parser.parse_args()
+    root, out = Path(args.runs), Path(args.out)
+    for part in (part_a, part_b, part_c, part_d):
+        part(root, out)
+
+
+if __name__ == "__main__":
+    main()
