@@ -37,7 +37,7 @@ class DataConfig:
     num_test: int = 300            # held-out test examples (never seen by any client)
     num_clients: int = 6           # K
     partition: str = "mixed"       # iid | dirichlet | extreme | mixed
-    alpha: float = 0.5             # Dirichlet concentration (smaller = more skewed)
+    alpha: float = 2.0             # Dirichlet concentration (smaller = more skewed)
     extreme_fraction: float = 0.34  # mixed: fraction of single-label clients (6 clients -> 2)
     batch_size: int = 8            # examples per forward pass (both forwards of a ZO step share it)
     max_length: int = 48           # prompt tokens kept (left-truncated: the end of the prompt matters)
@@ -65,8 +65,8 @@ class ZOConfig:
 
 @dataclass
 class FedConfig:
-    rounds: int = 8                # R
-    local_steps: int = 10          # T: local ZO steps per client per round
+    rounds: int = 4                # R
+    local_steps: int = 8           # T: local ZO steps per client per round
     seed_sharing: str = "round"    # round: one seed list per round for all clients | client: seeds per client
     eval_every: int = 4            # evaluate the global model every E rounds (and always after the last)
     aggregation: str = "mean"      # mean (FedAvg) | median | trimmed_mean: per shared seed, over the clients' scalars

@@ -9,6 +9,7 @@ Built-in names:
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -66,19 +67,25 @@ def _smollm2_folder() -> Path:
 
 
 def _atomic_save_folder(target: Path, write) -> Path:
-    """Write a folder via a temp sibling and rename, so a concurrent or killed writer never leaves half of one."""
+    """Write a folder via a temp sibling and rename, so a killed writer never leaves half of one.
+    Concurrent writers (client actors starting together) take turns on a lock file: the first
+    writes, the others wait and find the folder done."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        if target.exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

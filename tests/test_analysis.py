@@ -133,7 +133,7 @@ def test_random_stopping_stops_as_many_clients_as_vpcs_on_the_same_trajectories(
     the random policy sees the trajectories VPCS saw and stops as many clients."""
     vp, rnd = (json.loads((method_runs / name / "summary.json").read_text()) for name in ("meerkat-vp", "random-stop"))
     assert vp["vp_decided_round"] == rnd["vp_decided_round"] == 2  # calib_steps = 2 rounds of T steps
-    assert len(rnd["flagged_clients"]) == len(vp["flagged_clients"])
+    assert len(rnd["flagged_clients"]) == len(vp["flagged_clients"]) >= 1  # (stopping nobody proves nothing)
     decided = vp["vp_decided_round"]
     paths = [read_path(method_runs / name) for name in ("meerkat-vp", "random-stop")]
     before = [p[p["round"] <= decided].reset_index(drop=True) for p in paths]

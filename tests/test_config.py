@@ -240,3 +240,12 @@ def test_readme_config_reference_lists_every_key():
 
     missing = [k for k in keys(Config) if f"`{k}`" not in readme]
     assert not missing, f"README config table lacks {missing}"
+    # and the default column says what the code does
+    import ast
+    import re
+
+    from meerkat_ray.config import get_key
+
+    defaults = {k: ast.literal_eval(v) for k, v in re.findall(r"^\| `([\w.]+)` \| `([^`]*)` \|", readme, re.M)}
+    wrong = {k: (v, get_key(Config(), k)) for k, v in defaults.items() if v != get_key(Config(), k)}
+    assert set(defaults) == set(keys(Config)) and not wrong, wrong

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run_all.sh - the exact commands behind analysis/findings/README.md, in the order they were run.
 #
-#   analysis/findings/run_all.sh [PART ...]     PART: probe a b c d figures (default: all, in order)
+#   analysis/findings/run_all.sh [PART ...]     PART: probe a b c d d2 figures (default: a d b c d2 figures)
 #
 # Run from anywhere inside the repository. Run folders go to runs/findings/<part>/ (git-ignored);
 # a run whose summary.json already exists is skipped, so the script can be re-run after an
@@ -59,9 +59,49 @@ b_2() { b_wm 3e-3; b_wm 3e-2; b_rnd 3e-3; b_rnd 1e-2; }
 b_3() { b_rnd 3e-2; b_full 3e-6; }
 b_4() { b_full 1e-5; }
 
+# (c) T in {1, 5, 20} at 40 local steps per client, at the pretrain_grad learning rate that won (b).
+part_c() { locked c_runs; }
+c_runs() {
+  local lr
+  lr=$(best_lr pretrain_grad)
+  echo "   (c) uses zo.lr=$lr, the best pretrain_grad learning rate of (b)"
+  run c sync c-T1 fed.local_steps=1 fed.rounds=40 fed.eval_every=40 zo.lr="$lr"
+  run c sync c-T5 fed.local_steps=5 fed.rounds=8 fed.eval_every=8 zo.lr="$lr"
+  run c sync c-T20 fed.local_steps=20 fed.rounds=2 fed.eval_every=2 zo.lr="$lr"
+}
+
+best_lr() {  # best_lr MASK: the learning rate of (b)'s best run of that mask (accuracy, then test loss)
+  .venv/bin/python - "$1" <<'PY'
+import json, sys, yaml
+from pathlib import Path
+best = None
+for s in Path("runs/findings/b").glob("*/summary.json"):
+    cfg = yaml.safe_load((s.parent / "config.yaml").read_text())
+    if cfg["mask"]["kind"] != sys.argv[1]:
+        continue
+    r = json.loads(s.read_text())
+    key = (r["final_accuracy"], -r["final_test_loss"])
+    if best is None or key > best[0]:
+        best = (key, cfg["zo"]["lr"])
+print(best[1] if best else 3e-4)
+PY
+}
+
+# (d) Meerkat-vp vs Meerkat vs random early stopping on a mixed partition; seed 0, then seed 1.
+part_d() { locked d_seed 0; }
+part_d2() { locked d_seed 1; }
+d_seed() {
+  run d vp "d-vp-s$1" seed="$1"
+  run d vp "d-meerkat-s$1" seed="$1" vp.enabled=false
+  run d vp "d-random-s$1" seed="$1" vp.policy=random
+}
+
+# Figures and the tables the findings page quotes.
+part_figures() { .venv/bin/python analysis/findings/figures.py; }
+
 main() {
   local parts=("$@")
-  [[ ${#parts[@]} -gt 0 ]] || parts=(probe a b c d figures)
+  [[ ${#parts[@]} -gt 0 ]] || parts=(a d b c d2 figures)
   for part in "${parts[@]}"; do
     declare -F "part_$part" >/dev/null || { echo "error: unknown part '$part'" >&2; exit 2; }
     "part_$part"
