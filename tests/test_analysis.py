@@ -59,8 +59,14 @@ def sweep_dir(tmp_path_factory) -> Path:
 def method_runs(tmp_path_factory) -> Path:
     """A folder of run folders comparing methods: Meerkat-vp, random early stopping, Full-FedZO."""
     root = tmp_path_factory.mktemp("compare")
-    tiny_run(root, "meerkat-vp", "vp.sigma=2", "vp.rho=1.0", "vp.min_quiet_fraction=0.3")
-    tiny_run(root, "random-stop", "vp.sigma=2", "vp.rho=1.0", "vp.min_quiet_fraction=0.3", "vp.policy=random")
+    # VPCS must flag some clients but not all: a probe run (flags all) records every client's
+    # rho_later; with every late step quiet (sigma 1e6), rho at their median flags the upper half.
+    probe = tiny_run(tmp_path_factory.mktemp("probe"), "probe", *FLAG_ALL)
+    rhos = sorted(s["rho_later"] for s in json.loads((probe / "summary.json").read_text())["vpcs"].values())
+    assert len(rhos) == K and rhos[K // 2 - 1] < rhos[K // 2], rhos
+    rho = f"vp.rho={(rhos[K // 2 - 1] + rhos[K // 2]) / 2!r}"
+    tiny_run(root, "meerkat-vp", "vp.sigma=1e6", rho, "vp.min_quiet_fraction=0")
+    tiny_run(root, "random-stop", "vp.sigma=1e6", rho, "vp.min_quiet_fraction=0", "vp.policy=random")
     tiny_run(root, "full", "mask.kind=full", "vp.enabled=false")
     return root
 
@@ -133,7 +139,7 @@ def test_random_stopping_stops_as_many_clients_as_vpcs_on_the_same_trajectories(
     the random policy sees the trajectories VPCS saw and stops as many clients."""
     vp, rnd = (json.loads((method_runs / name / "summary.json").read_text()) for name in ("meerkat-vp", "random-stop"))
     assert vp["vp_decided_round"] == rnd["vp_decided_round"] == 2  # calib_steps = 2 rounds of T steps
-    assert len(rnd["flagged_clients"]) == len(vp["flagged_clients"]) >= 1  # (stopping nobody proves nothing)
+    assert len(rnd["flagged_clients"]) == len(vp["flagged_clients"]) == K // 2
     decided = vp["vp_decided_round"]
     paths = [read_path(method_runs / name) for name in ("meerkat-vp", "random-stop")]
     before = [p[p["round"] <= decided].reset_index(drop=True) for p in paths]
