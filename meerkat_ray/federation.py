@@ -229,12 +229,15 @@ class RayExecutor:
         load = {id(a): 0 for a in self.actors}
         results = {}
         while queue or pending:
-            for actor in list(self.actors):
-                while queue and load.setdefault(id(actor), 0) < IN_FLIGHT and id(actor) not in self.victims:
-                    plan = queue.popleft()
-                    pending[actor.run.remote(plan)] = (actor, plan)
-                    load[id(actor)] += 1
-                    self._maybe_kill(actor)
+            # one plan per idle actor first, then the second in flight: K <= IN_FLIGHT x actors
+            # clients must not pile up on the first actors while the others wait
+            for depth in range(1, IN_FLIGHT + 1):
+                for actor in list(self.actors):
+                    if queue and load.setdefault(id(actor), 0) < depth and id(actor) not in self.victims:
+                        plan = queue.popleft()
+                        pending[actor.run.remote(plan)] = (actor, plan)
+                        load[id(actor)] += 1
+                        self._maybe_kill(actor)
             done, _ = ray.wait(list(pending), num_returns=1)
             actor, plan = pending.pop(done[0])
             load[id(actor)] -= 1

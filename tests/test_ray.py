@@ -101,6 +101,8 @@ def test_eight_actors_share_two_gpus_and_serve_a_queue(ray_cluster, round_one):
         results = executor.run_clients(plans)
         assert {r.worker for r in results} == {f"client-actor-{i}" for i in range(8)}  # all served clients
         assert [(r.client, r.scalars, r.losses) for r in results] == [(r.client, r.scalars, r.losses) for r in expected]
+        few = executor.run_clients(plans[:8])  # as many clients as actors: one each, no actor idle
+        assert sorted(r.worker for r in few) == sorted(f"client-actor-{i}" for i in range(8))
 
         executor.fault_counts()
         for actor in executor.actors[:3]:  # lose three actors: their clients re-run, fresh actors take their slots
