@@ -205,8 +205,13 @@ def seed_table(title: str, groups: dict) -> None:
             print(f"| {label} | mean of {len(accs)} | | {np.mean(accs):.3f} (seed s.d. {np.std(accs, ddof=1):.3f}) | | | | | | |")
 
 
-def bar_plot(groups: dict, file: Path, title: str, xlabel: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+def bar_plot(groups: dict, file: Path, title: str, xlabel: str, loss: bool = False) -> None:
+    """Final accuracy per setting (one point per seed, ± 1 s.e.; red bar = mean); with `loss`, a
+    second panel with the final test loss."""
+    if loss:
+        fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
     labels = list(groups)
     for i, label in enumerate(labels):
         runs = sorted(groups[label], key=lambda r: r["cfg"]["seed"])
@@ -226,6 +231,18 @@ def bar_plot(groups: dict, file: Path, title: str, xlabel: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="lower right")
+    if loss:
+        first = next(iter(groups.values()))[0]["dir"] / "metrics.jsonl"
+        zero_loss = json.loads(first.read_text().splitlines()[0])["test_loss"]  # round 0 = zero-shot
+        for i, label in enumerate(labels):
+            values = [r["summary"]["final_test_loss"] for r in groups[label]]
+            ax_loss.plot([i] * len(values), values, "o", color="#1f4e9c")
+        ax_loss.axhline(zero_loss, color="black", ls=":", lw=1, label=f"zero-shot {zero_loss:.3f}")
+        ax_loss.set_xticks(range(len(labels)), labels)
+        ax_loss.set_xlabel(xlabel)
+        ax_loss.set_ylabel("test loss")
+        ax_loss.grid(alpha=0.3, axis="y")
+        ax_loss.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=DPI)
     plt.close(fig)
@@ -235,11 +252,13 @@ def part_c(root: Path, out: Path) -> None:
     runs = runs_of(root / "c")
     if not runs:
         return
-    groups = grouped(sorted(runs, key=lambda r: r["cfg"]["fed"]["local_steps"]),
-                     lambda r: f"T={r['cfg']['fed']['local_steps']}, R={r['cfg']['fed']['rounds']}")
+    runs = sorted(runs, key=lambda r: (r["cfg"]["zo"]["lr"], r["cfg"]["fed"]["local_steps"]))
+    groups = grouped(runs, lambda r: f"T={r['cfg']['fed']['local_steps']}, R={r['cfg']['fed']['rounds']}, "
+                                     f"lr {r['cfg']['zo']['lr']:g}")
     seed_table("(c) local steps per round at 40 local steps per client", groups)
     bar_plot(groups, out / "c_local_steps.png",
-             "Sync frequency at equal total steps (3 clients, Dirichlet α=0.5)", "local steps per round, rounds")
+             "Sync frequency at equal total steps (3 clients, Dirichlet α=0.5)", "local steps per round, rounds, lr",
+             loss=True)
 
 
 def part_d(root: Path, out: Path) -> None:

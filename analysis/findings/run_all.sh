@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run_all.sh - the exact commands behind analysis/findings/README.md, in the order they were run.
 #
-#   analysis/findings/run_all.sh [PART ...]     PART: probe a b c d d2 figures (default: a d b c d2 figures)
+#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 c c2 d d2 figures (default: a d b b5 c c2 d2 figures)
 #
 # Run from anywhere inside the repository. Run folders go to runs/findings/<part>/ (git-ignored);
 # a run whose summary.json already exists is skipped, so the script can be re-run after an
@@ -58,6 +58,9 @@ b_1() { b_pg 1e-4; b_pg 3e-4; b_pg 1e-3; b_wm 1e-2; }
 b_2() { b_wm 3e-3; b_wm 3e-2; b_rnd 3e-3; b_rnd 1e-2; }
 b_3() { b_rnd 3e-2; b_full 3e-6; }
 b_4() { b_full 1e-5; }
+# weight-magnitude, random and full were best at the top of their grids: points higher up
+part_b5() { locked b_5; }
+b_5() { b_wm 1e-1; b_rnd 1e-1; b_wm 3e-1; b_full 3e-5; }
 
 # (c) T in {1, 5, 20} at 40 local steps per client, at the pretrain_grad learning rate that won (b).
 part_c() { locked c_runs; }
@@ -68,6 +71,15 @@ c_runs() {
   run c sync c-T1 fed.local_steps=1 fed.rounds=40 fed.eval_every=40 zo.lr="$lr"
   run c sync c-T5 fed.local_steps=5 fed.rounds=8 fed.eval_every=8 zo.lr="$lr"
   run c sync c-T20 fed.local_steps=20 fed.rounds=2 fed.eval_every=2 zo.lr="$lr"
+}
+
+# (c) again at lr 3e-4, (b)'s best pretrain_grad learning rate by test loss (1e-3 won (b) on accuracy
+# after 15 steps per client but over 40 steps it makes every T worse than zero-shot in test loss)
+part_c2() { locked c2_runs; }
+c2_runs() {
+  run c sync c-T1-lr3e-4 fed.local_steps=1 fed.rounds=40 fed.eval_every=40 zo.lr=3e-4
+  run c sync c-T5-lr3e-4 fed.local_steps=5 fed.rounds=8 fed.eval_every=8 zo.lr=3e-4
+  run c sync c-T20-lr3e-4 fed.local_steps=20 fed.rounds=2 fed.eval_every=2 zo.lr=3e-4
 }
 
 best_lr() {  # best_lr MASK: the learning rate of (b)'s best run of that mask (accuracy, then test loss)
@@ -101,7 +113,7 @@ part_figures() { .venv/bin/python analysis/findings/figures.py; }
 
 main() {
   local parts=("$@")
-  [[ ${#parts[@]} -gt 0 ]] || parts=(a d b c d2 figures)
+  [[ ${#parts[@]} -gt 0 ]] || parts=(a d b b5 c c2 d2 figures)
   for part in "${parts[@]}"; do
     declare -F "part_$part" >/dev/null || { echo "error: unknown part '$part'" >&2; exit 2; }
     "part_$part"
