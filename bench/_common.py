@@ -106,6 +106,24 @@ def _json_default(obj):
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """A comma list of integers >= 1 from the command line (`flag` names it in the error)."""
+    try:
+        values = [int(float(v)) for v in text.split(",") if v]
+    except ValueError:
+        fail(f"{flag}: not a comma list of numbers: {text!r}")
+    if not values or min(values) < 1:
+        fail(f"{flag}: values must be >= 1")
+    return values
+
+
+def require_positive(args, *names: str) -> None:
+    """Every named integer option is >= 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')}: must be >= 1")
+
+
 def fail(message: str) -> None:
     """Bad command-line input: one line on stderr, exit status 2."""
     print(f"error: {message}", file=sys.stderr)

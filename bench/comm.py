@@ -26,7 +26,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit, fail, table  # noqa: E402
+from _common import emit, fail, require_positive, table  # noqa: E402
 
 # total parameters d and mask-eligible block weights (2-D matrices of the transformer blocks)
 MODELS = {
@@ -45,9 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=4096, help="FedKSeed seed-pool size S")
     p.add_argument("--no-run", action="store_true", help="skip the tiny end-to-end runs (accounting only)")
     args = p.parse_args(argv)
-    for name in ("local_steps", "clients", "pool"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')}: must be >= 1")
+    require_positive(args, "local_steps", "clients", "pool")
     if not 0 < args.density <= 1:
         fail("--density: must be in (0, 1]")
     return args

@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit, fail, median, table  # noqa: E402
+from _common import emit, fail, int_list, median, require_positive, table  # noqa: E402
 
 MiB = 2**20
 
@@ -39,15 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=48)
     args = p.parse_args(argv)
-    try:
-        args.scan = [int(k) for k in args.scan.split(",") if k]
-    except ValueError:
-        fail(f"--scan: not a comma list of integers: {args.scan!r}")
-    if min(args.scan or [0]) < 1:
-        fail("--scan: values must be >= 1")
-    for name in ("clients", "local_steps", "rounds", "batch_size", "max_length"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')}: must be >= 1")
+    args.scan = int_list(args.scan, "--scan")
+    require_positive(args, "clients", "local_steps", "rounds", "batch_size", "max_length")
     if not os.path.exists("/proc/self/status"):
         fail("this benchmark reads /proc/PID/status (Linux only)")
     return args

@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit, fail, median, table  # noqa: E402
+from _common import emit, fail, int_list, median, table  # noqa: E402
 
 BACKENDS = {  # name -> config overrides
     "local": ["ray.backend=local", "model.num_threads=1"],
@@ -42,12 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=48)
     args = p.parse_args(argv)
-    try:
-        args.local_steps = [int(t) for t in args.local_steps.split(",") if t]
-    except ValueError:
-        fail(f"--local-steps: not a comma list of integers: {args.local_steps!r}")
-    if not args.local_steps or min(args.local_steps) < 1:
-        fail("--local-steps: values must be >= 1")
+    args.local_steps = int_list(args.local_steps, "--local-steps")
     args.backends = [b for b in args.backends.split(",") if b]
     bad = [b for b in args.backends if b not in BACKENDS]
     if bad or not args.backends:

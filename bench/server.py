@@ -25,19 +25,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit, fail, median, table  # noqa: E402
+from _common import emit, fail, int_list, median, require_positive, table  # noqa: E402
 
 TARGET = 0.01
-
-
-def ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(float(v)) for v in text.split(",") if v]
-    except ValueError:
-        fail(f"--{name}: not a comma list of numbers: {text!r}")
-    if not values or min(values) < 1:
-        fail(f"--{name}: values must be >= 1")
-    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,13 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ref-n", type=int, default=106168, help="n of the reference model's mask")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the server")
     args = p.parse_args(argv)
-    args.n, args.clients = ints(args.n, "n"), ints(args.clients, "clients")
+    args.n, args.clients = int_list(args.n, "--n"), int_list(args.clients, "--clients")
     args.sharing = [s for s in args.sharing.split(",") if s]
     if not args.sharing or any(s not in ("round", "client") for s in args.sharing):
         fail(f"--sharing: choose from round, client (got {args.sharing})")
-    for name in ("local_steps", "rounds", "ref_n", "threads"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')}: must be >= 1")
+    require_positive(args, "local_steps", "rounds", "ref_n", "threads")
     if args.ref_step_s <= 0:
         fail("--ref-step-s: must be > 0")
     return args

@@ -19,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Timer, emit, fail, median, table  # noqa: E402
+from _common import Timer, emit, fail, median, require_positive, table  # noqa: E402
 
 MODELS = ("tiny-llama", "tiny-qwen2", "smollm2-135m", "random-llama-1b")
 MASKS = ("pretrain_grad", "weight_magnitude", "random", "full")
@@ -52,9 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.masks = masks
     if not 0 < args.density <= 1:
         fail("--density: must be in (0, 1]")
-    for name in ("batch_size", "max_length", "threads", "local_steps"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')}: must be >= 1")
+    require_positive(args, "batch_size", "max_length", "threads", "local_steps")
     if args.repeats < 0:
         fail("--repeats: must be >= 0")
     if args.device.startswith("cuda"):
