@@ -253,7 +253,7 @@ def part_c(root: Path, out: Path) -> None:
     if not runs:
         return
     runs = sorted(runs, key=lambda r: (r["cfg"]["zo"]["lr"], r["cfg"]["fed"]["local_steps"]))
-    groups = grouped(runs, lambda r: f"T={r['cfg']['fed']['local_steps']}, R={r['cfg']['fed']['rounds']}, "
+    groups = grouped(runs, lambda r: f"T={r['cfg']['fed']['local_steps']} R={r['cfg']['fed']['rounds']}\n"
                                      f"lr {r['cfg']['zo']['lr']:g}")
     seed_table("(c) local steps per round at 40 local steps per client", groups)
     bar_plot(groups, out / "c_local_steps.png",
