@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from .config import Config, from_dict, read_yaml, to_dict
 from .errors import ConfigError, MeerkatError
-from .runlog import PATH_COLUMNS, RunWriter, atomic_path, read_metrics, read_path
+from .runlog import PATH_COLUMNS, RunWriter, atomic_path, read_metrics, read_path, remove_stale_temps
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 META_KEY = "meerkat_checkpoint"
@@ -63,7 +63,9 @@ class RunCheckpoint:
         return cls(round=round_, last=last, server=server, theta=theta, config=config)
 
     def reopen_writer(self, run_dir: str | Path) -> RunWriter:
-        """The run folder's writer holding rounds 0..round, with its files rewritten to match."""
+        """The run folder's writer holding rounds 0..round, with its files rewritten to match
+        (and the temp files of writes a kill interrupted removed)."""
+        remove_stale_temps(run_dir)
         writer = RunWriter(run_dir)
         kept = [m for m in read_metrics(run_dir) if m["round"] <= self.round]
         path = read_path(run_dir) if (Path(run_dir) / "path.parquet").is_file() else None

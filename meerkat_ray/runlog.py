@@ -47,6 +47,15 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files of `atomic_path` writes that a killed process left in `folder` (never
+    renamed over their target, so never part of the run). Returns what was removed."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

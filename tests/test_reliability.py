@@ -240,8 +240,11 @@ def resume_error(capsys, *argv) -> str:
 
 def test_resuming_a_finished_run_rewrites_the_same_results(short_run, tmp_path, capsys):
     run = copy_run(short_run, tmp_path / "again")
+    stale = run / ".path.parquet.k1ll3d.tmp"  # what a SIGKILL in the middle of an atomic write leaves
+    stale.write_bytes((run / "path.parquet").read_bytes()[:100])
     assert main(["run", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(short_run, run)
+    assert not stale.exists()
 
 
 def _damage_config(run: Path) -> str:
