@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     samples: list[tuple[int, float, float]] = []  # (round, rss MiB, seconds since start)
     start = time.perf_counter()
 
-    def on_round(round_, metrics, last, server):
+    def on_round(round_, metrics, last, checkpoint):
         samples.append((round_, rss_mib(), time.perf_counter() - start))
         if round_ % 50 == 0:
             print(f"round {round_:5d}  rss {samples[-1][1]:8.1f} MiB  {samples[-1][2]:7.1f} s", flush=True)

@@ -86,15 +86,17 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
              on_round=None, resume: RunCheckpoint | None = None) -> dict:
     """The round loop. Returns the last evaluation (accuracy, loss) and timing.
 
-    `on_round(round, metrics, last, server)` runs after each round's files are written (Tune
-    reports and checkpoints there); `resume` continues after the checkpoint's round. After the
-    zero-shot evaluation and after every round the run folder's checkpoint is replaced (atomically).
+    `on_round(round, metrics, last, checkpoint)` runs after each round's files and its RunCheckpoint
+    are written (Tune reports that checkpoint); `resume` continues after the checkpoint's round. After
+    the zero-shot evaluation and after every round the run folder's checkpoint is replaced (atomically).
     """
     cfg_dict = to_dict(cfg)
 
-    def checkpoint(round_: int) -> None:
+    def checkpoint(round_: int) -> RunCheckpoint:
         state, theta = server.state_dict()
-        RunCheckpoint(round_, dict(last), state, theta, cfg_dict).save(writer.dir)
+        saved = RunCheckpoint(round_, dict(last), state, theta, cfg_dict)
+        saved.save(writer.dir)
+        return saved
 
     if resume is None:
         acc0, loss0 = executor.evaluate()
@@ -124,12 +126,12 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
         metrics.update(executor.fault_counts())  # client actors lost and clients re-run this round
         metrics["wall_s"] = round(time.perf_counter() - t0, 3)
         writer.add_round(metrics, outcome.path_rows)
-        checkpoint(r)
+        saved = checkpoint(r)
         bar.set_postfix(loss=_fmt(metrics.get("train_loss")), acc=_fmt(metrics.get("accuracy")),
                         flagged=len(metrics["flagged_clients"]))
         bar.close()
         if on_round:
-            on_round(r, metrics, last, server)
+            on_round(r, metrics, last, saved)
     last["train_wall_s"] = time.perf_counter() - start
     return last
 

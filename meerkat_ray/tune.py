@@ -81,8 +81,8 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
             checkpoint.save(folder)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    def on_round(round_: int, metrics: dict, last: dict, server) -> None:
-        state, theta = server.state_dict()
+    def on_round(round_: int, metrics: dict, last: dict, checkpoint: RunCheckpoint) -> None:
+        state = checkpoint.server  # the run folder's checkpoint of this round, reported as it is
         flagged = state["vp"]["flagged"]
         values = {
             "round": round_,
@@ -97,7 +97,6 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
             "flagged_clients": ",".join(str(k) for k in flagged),  # a string: TensorBoard skips it
             "run_dir": str(cfg.run_dir),
         }
-        checkpoint = RunCheckpoint(round_, dict(last), state, theta)
         if round_ < cfg.fed.rounds:
             report(values, checkpoint)
         else:
