@@ -44,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags may stand anywhere among the `key=value` items (`run a=1 --quiet b=2`): argparse fills
+    a positional list from its first run of items only, so the later items are appended here."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    flags = [item for item in extra if item.startswith("-")]
+    if flags or (extra and not hasattr(args, "items")):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    if extra:
+        args.items = [*args.items, *extra]
+    return args
+
+
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:
     """First item may be a YAML file; the rest are key=value overrides."""
     if items and "=" not in items[0]:
@@ -127,7 +140,7 @@ COMMANDS = {"run": cmd_run, "tune": cmd_tune, "analyze": cmd_analyze, "export": 
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except MeerkatError as exc:

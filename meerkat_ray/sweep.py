@@ -152,6 +152,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             set_dotted(tune, rest, value)
         else:
             set_dotted(base, rest if section == "base" and rest else key, value)
+    if "output_dir" in base:  # trial run folders go to <tune.output_dir>/<tune.name>/runs/: it would do nothing
+        raise ConfigError(f"base.output_dir: a sweep places its trials' run folders under "
+                          f"<tune.output_dir>/<tune.name>/runs/; set tune.output_dir={base['output_dir']} instead")
     try:
         from_dict(base)
     except ConfigError as exc:

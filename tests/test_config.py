@@ -175,6 +175,42 @@ def test_cli_usage_errors_are_one_line_too(tmp_path, args):
     assert_one_error_line(cli(*args, cwd=tmp_path))
 
 
+@pytest.mark.parametrize("argv, items, flags", [
+    (["run", "a=1", "--quiet", "b=2", "--overwrite", "c=3"], ["a=1", "b=2", "c=3"], {"quiet", "overwrite"}),
+    (["run", "exp.yaml", "--quiet", "a=1"], ["exp.yaml", "a=1"], {"quiet"}),
+    (["run", "--quiet", "exp.yaml", "a=1", "--overwrite"], ["exp.yaml", "a=1"], {"quiet", "overwrite"}),
+    (["tune", "s.yaml", "--resume", "tune.max_failures=0", "--quiet", "grid.seed=[1]"],
+     ["s.yaml", "tune.max_failures=0", "grid.seed=[1]"], {"resume", "quiet"}),
+])
+def test_flags_may_stand_anywhere_among_the_items(argv, items, flags):
+    from meerkat_ray.cli import parse_args
+
+    args = parse_args(argv)
+    assert args.items == items  # every item, in the order given
+    assert {f for f in ("quiet", "overwrite", "resume") if getattr(args, f, None)} == flags
+
+
+def test_analyze_takes_its_flag_before_or_after_the_folder():
+    from meerkat_ray.cli import parse_args
+
+    for argv in (["analyze", "d", "--out", "o"], ["analyze", "--out", "o", "d"]):
+        args = parse_args(argv)
+        assert (args.dir, args.out) == ("d", "o")
+
+
+def test_an_item_after_a_flag_reaches_the_config(tmp_path, capsys):
+    """The refused key comes after `--quiet`: it was parsed, not dropped or refused as unrecognized."""
+    code, err, _ = run_main(capsys, "run", f"output_dir={tmp_path / 'runs'}", "--quiet", "fed.roundz=3")
+    assert code == 2 and err[0].startswith("error: fed.roundz:"), err
+    sweep = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
+    code, err, _ = run_main(capsys, "tune", str(sweep), "--quiet", "grid.mask.densty=[1]", f"tune.output_dir={tmp_path}")
+    assert code == 2 and err[0].startswith("error: grid.mask.densty:"), err
+    with pytest.raises(SystemExit) as exited:  # argparse's usage errors exit from the parser
+        run_main(capsys, "run", "a=1", "--no-such-flag", "b=2")
+    assert exited.value.code == 2 and capsys.readouterr().err == "error: unrecognized arguments: --no-such-flag\n"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "smoke").exists()
+
+
 def fixture_data(tmp_path) -> list[str]:
     """Small hub-shaped data: the run refuses or fails before any step, in ~3 s."""
     return ["data.task=sst2", f"data.source={SST2}", "data.num_test=4", "data.num_clients=2",

@@ -61,6 +61,9 @@ BAD = [  # sweep file text, extra CLI items, what the error line must name
     ("gird: {}\n", [], "gird"),
     ("grid: {fed.local_steps: [1, 2]}\n", ["grid.fed.local_steps=[1, 0]"], "fed.local_steps"),
     ("base: {model: {name: no-such/model-anywhere}}\n", [], "model.name"),
+    # run folders of trials go under tune.output_dir: a base output_dir would silently do nothing
+    ("grid: {seed: [0]}\n", ["output_dir=elsewhere"], "tune.output_dir=elsewhere"),
+    ("base: {output_dir: elsewhere}\n", [], "tune.output_dir=elsewhere"),
 ]
 
 
