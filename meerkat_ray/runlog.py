@@ -176,7 +176,3 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def read_path(run_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run_dir) / "path.parquet")
-
-
-def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())

@@ -169,8 +169,3 @@ def accuracy_and_loss(scores: list[tuple[int, float, int]]) -> tuple[float, floa
     for c, loss, n in scores:
         correct, loss_sum, total = correct + c, loss_sum + loss, total + n
     return correct / max(1, total), loss_sum / max(1, total)
-
-
-def evaluate(model, batches: list[Batch], label_ids: torch.Tensor, device) -> tuple[float, float]:
-    """(accuracy, mean loss) of argmax over the verbalizer logits."""
-    return accuracy_and_loss(batch_scores(model, batches, label_ids, device))
