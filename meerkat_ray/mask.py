@@ -14,6 +14,7 @@ g_pre = E_b[d loss_b / d w] restricted to the mask (float32, mask order) comes f
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from dataclasses import dataclass, field
@@ -157,6 +158,25 @@ def top_k_mask(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tenso
     return out
 
 
+# Version of the mask algorithm (scores, top-k, calibration batches, g_pre): part of the cache
+# fingerprint, so a mask cached by older code is never reused. Bump it when the algorithm changes;
+# the digest of the algorithm's source below also changes with any edit of those functions.
+MASK_VERSION = 2
+
+
+def algorithm_digest() -> str:
+    """sha256 of the source of every function a mask's values depend on ('' where the source is
+    not shipped): an edit of any of them is a new cache entry even if MASK_VERSION was not bumped.
+    Taken once, at import (`ALGORITHM_DIGEST`)."""
+    functions = [eligible_parameters, calibration_texts, calibration_batches, calibration_gradients, mask_size,
+                 top_k_mask, compute_mask, *(f for f in MASK_SCORES.values() if f is not None)]
+    try:
+        source = "".join(inspect.getsource(f) for f in functions)
+    except (OSError, TypeError):
+        return ""
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
 def fingerprint(lm: LoadedModel, params, cfg: MaskConfig, seed: int, need_g_pre: bool) -> str:
     weights = hashlib.sha256()
     for _, p in params:  # every 257th weight of every eligible tensor: cheap, and any re-export changes it
@@ -165,6 +185,7 @@ def fingerprint(lm: LoadedModel, params, cfg: MaskConfig, seed: int, need_g_pre:
         "model": lm.fingerprint, "weights": weights.hexdigest()[:16],
         "shapes": [[n, list(p.shape)] for n, p in params], "kind": cfg.kind, "density": cfg.density,
         "eligible": cfg.eligible, "seed": seed if cfg.kind == "random" else None,
+        "version": MASK_VERSION, "code": ALGORITHM_DIGEST,
     }
     if cfg.kind == "pretrain_grad" or need_g_pre:
         key.update(corpus=cfg.calib_corpus, seqs=cfg.calib_num_seqs, len=cfg.calib_seq_len,
@@ -188,7 +209,7 @@ def compute_mask(lm: LoadedModel, cfg: MaskConfig, seed: int, need_g_pre: bool, 
         g_pre = torch.cat([calib[1][name].cpu()[idx] for name, idx in indices.items()]).contiguous()
     meta = {"kind": cfg.kind, "density": cfg.density, "eligible_count": eligible,
             "eligible_names": [n for n, _ in params], "calib_corpus": cfg.calib_corpus if calib else "",
-            "fingerprint": fingerprint(lm, params, cfg, seed, need_g_pre)}
+            "fingerprint": fingerprint(lm, params, cfg, seed, need_g_pre), "version": MASK_VERSION}
     return Mask(indices=indices, pretrain_grad=g_pre, meta=meta)
 
 
@@ -239,12 +260,13 @@ def get_mask(lm: LoadedModel, cfg: MaskConfig, seed: int, need_g_pre: bool, prog
     params = eligible_parameters(lm.model, cfg.eligible)
     if not params:
         raise MeerkatError(f"mask.eligible: no parameter name matches {cfg.eligible!r}")
-    path = lm.cache / "masks" / f"{fingerprint(lm, params, cfg, seed, need_g_pre)}.safetensors"
+    key = fingerprint(lm, params, cfg, seed, need_g_pre)
+    path = lm.cache / "masks" / f"{key}.safetensors"
     if cfg.cache and path.is_file():
         try:
             mask = load_mask(path)
             check_mask(mask, lm.model, path)
-            if mask.n == (sum(p.numel() for _, p in params) if cfg.kind == "full"
+            if mask.meta.get("fingerprint") == key and mask.n == (sum(p.numel() for _, p in params) if cfg.kind == "full"
                           else mask_size(cfg.density, mask.meta["eligible_count"])):
                 return mask
         except MeerkatError:
@@ -254,3 +276,6 @@ def get_mask(lm: LoadedModel, cfg: MaskConfig, seed: int, need_g_pre: bool, prog
         path.parent.mkdir(parents=True, exist_ok=True)
         save_mask(mask, path)
     return mask
+
+
+ALGORITHM_DIGEST = algorithm_digest()  # the code this process computes masks with

@@ -8,8 +8,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# MEERKAT_RAY_CACHE is left alone: the default ~/.cache/meerkat-ray keeps the converted embedded
-# tokenizer (~8 s on first use) between sessions. Tests that write masks use a tmp cache.
+# Every test, subprocess and Ray worker of a session uses one temporary cache (converted models,
+# the tokenizer, masks), never the user's ~/.cache/meerkat-ray: an entry written by older code
+# there must not decide a test. Set before anything reads it; removed when the session ends.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+TEST_CACHE = tempfile.mkdtemp(prefix="meerkat-ray-test-cache-")
+os.environ["MEERKAT_RAY_CACHE"] = TEST_CACHE
+atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402

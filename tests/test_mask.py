@@ -2,6 +2,8 @@
 order for every kind, eligibility, the file format and the on-disk cache."""
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +287,51 @@ def test_get_mask_without_cache_neither_reads_nor_writes(tiny_lm, tmp_path):
     lm = dataclasses.replace(tiny_lm, cache=tmp_path)
     get_mask(lm, mask_cfg("random", cache=False), 0, need_g_pre=False, progress=False)
     assert not (tmp_path / "masks").exists()
+
+
+@pytest.mark.parametrize("attr, older", [("MASK_VERSION", mask_module.MASK_VERSION - 1),
+                                         ("ALGORITHM_DIGEST", "digest-of-older-code")])
+def test_a_mask_cached_by_other_mask_code_is_never_reused(tiny_lm, tmp_path, monkeypatch, attr, older):
+    """A cache entry that older code wrote (another MASK_VERSION, or other source of the mask
+    functions), holding another selection: the code that wrote it reuses it, today's code does not."""
+    lm = dataclasses.replace(tiny_lm, cache=tmp_path)
+    cfg = mask_cfg("weight_magnitude", density=0.01)
+    fresh = compute_mask(lm, cfg, 0, need_g_pre=False, progress=False)
+    with monkeypatch.context() as old_code:
+        old_code.setattr(mask_module, attr, older)
+        stale = compute_mask(lm, cfg, 0, need_g_pre=False, progress=False)
+        first = next(iter(stale.indices))
+        stale.indices[first] = torch.arange(stale.indices[first].numel())  # what the old algorithm chose
+        assert not torch.equal(stale.indices[first], fresh.indices[first])
+        (tmp_path / "masks").mkdir()
+        save_mask(stale, tmp_path / "masks" / f"{stale.meta['fingerprint']}.safetensors")
+        reused = get_mask(lm, cfg, 0, need_g_pre=False, progress=False)
+        assert torch.equal(reused.indices[first], stale.indices[first])  # the cache does serve old code
+    assert fresh.meta["fingerprint"] != stale.meta["fingerprint"]
+    got = get_mask(lm, cfg, 0, need_g_pre=False, progress=False)
+    assert list(got.indices) == list(fresh.indices)
+    assert all(torch.equal(got.indices[k], fresh.indices[k]) for k in fresh.indices)
+    assert got.meta["version"] == mask_module.MASK_VERSION
+
+
+@pytest.mark.parametrize("name", ["top_k_mask", "calibration_gradients", "calibration_batches", "mask_size"])
+def test_editing_a_mask_function_changes_the_digest(monkeypatch, name):
+    def edited(*args, **kwargs):  # any other source
+        return None
+
+    assert mask_module.ALGORITHM_DIGEST == mask_module.algorithm_digest()
+    monkeypatch.setattr(mask_module, name, edited)
+    assert mask_module.algorithm_digest() != mask_module.ALGORITHM_DIGEST
+    monkeypatch.undo()
+    monkeypatch.setitem(mask_module.MASK_SCORES, "random", edited)  # a kind's score function counts too
+    assert mask_module.algorithm_digest() != mask_module.ALGORITHM_DIGEST
+
+
+def test_the_suite_computes_and_caches_in_a_temporary_folder(tiny_lm):
+    from conftest import TEST_CACHE
+
+    from meerkat_ray.models import cache_root
+
+    assert cache_root(ModelConfig()) == Path(TEST_CACHE) == tiny_lm.cache
+    assert Path(os.environ["MEERKAT_RAY_CACHE"]) == Path(TEST_CACHE)  # inherited by subprocesses and Ray workers
+    assert not Path(TEST_CACHE).resolve().is_relative_to((Path.home() / ".cache").resolve())
