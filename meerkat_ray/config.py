@@ -67,6 +67,7 @@ class ZOConfig:
 class FedConfig:
     rounds: int = 4                # R
     local_steps: int = 8           # T: local ZO steps per client per round
+    first_round_steps: int = 0     # local steps of round 1; 0 = T, or vp.calib_steps when Meerkat-vp calibrates in round 1
     seed_sharing: str = "round"    # round: one seed list per round for all clients | client: seeds per client
     eval_every: int = 4            # evaluate the global model every E rounds (and always after the last)
     aggregation: str = "mean"      # mean (FedAvg) | median | trimmed_mean: per shared seed, over the clients' scalars
@@ -80,7 +81,10 @@ class VPConfig:
     sigma: float = 0.5             # a step is quiet when |GradIP| < sigma * population reference
     rho: float = 2.0               # flag when mean|GradIP| early / late exceeds rho ...
     min_quiet_fraction: float = 0.6  # ... and the late phase has at least this fraction of quiet steps
+    calibration: str = "first_round"  # first_round: round 1 runs calib_steps uninterrupted steps, aggregated as usual |
+                                      # probe: the same round 1, its update discarded | rounds: calib_steps spread over T-step rounds
     calib_steps: int = 30          # local steps per client recorded before deciding (paper: ~50-100)
+    statistic: str = "median"      # mean | median: how the early and late phases of |GradIP| are summarised
     early_fraction: float = 0.2    # first part of the calibration trajectory used as the "early" phase
     late_fraction: float = 0.5     # last part used as the "late" phase
 
@@ -96,6 +100,7 @@ class RayConfig:
     dashboard_host: str = "127.0.0.1"  # embedded cluster's dashboard bind address
     max_actor_restarts: int = 8    # dead client actors replaced per run (their clients re-run); then the rest carry on
     chaos_kill_prob: float = 0.0   # fault injection: kill a client actor after a dispatch with this probability (seeded)
+    actor_start_timeout_s: float = 300.0  # wait this long for a lost server actor's replacement (or any client actor when none is left), then stop with an error
 
 
 @dataclass
@@ -124,6 +129,8 @@ CHOICES = {
     "fed.seed_sharing": ("round", "client"),
     "fed.aggregation": ("mean", "median", "trimmed_mean"),
     "vp.policy": ("gradip", "random"),
+    "vp.calibration": ("first_round", "probe", "rounds"),
+    "vp.statistic": ("mean", "median"),
     "ray.backend": ("local", "ray"),
 }
 
@@ -149,6 +156,7 @@ RANGES = [
     ("zo.clip", lambda v: v >= 0, ">= 0"),
     ("fed.rounds", lambda v: v >= 1, ">= 1"),
     ("fed.local_steps", lambda v: v >= 1, ">= 1"),
+    ("fed.first_round_steps", lambda v: v >= 0, ">= 0"),
     ("fed.eval_every", lambda v: v >= 1, ">= 1"),
     ("fed.trim_fraction", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
     ("vp.sigma", lambda v: v > 0, "> 0"),
@@ -164,6 +172,7 @@ RANGES = [
     ("ray.num_gpus", lambda v: v >= 0, ">= 0"),
     ("ray.max_actor_restarts", lambda v: v >= 0, ">= 0"),
     ("ray.chaos_kill_prob", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("ray.actor_start_timeout_s", lambda v: v > 0, "> 0"),
 ]
 # Keys naming files, folders or models: a NUL byte would reach the OS as a traceback, not an error line.
 PATH_KEYS = ("name", "output_dir", "model.name", "model.cache_dir", "data.source")
@@ -267,9 +276,38 @@ def validate(cfg: Config) -> Config:
     if cfg.fed.aggregation != "mean" and cfg.fed.seed_sharing != "round":
         raise ConfigError(f"fed.aggregation: {cfg.fed.aggregation} needs fed.seed_sharing=round (robust statistics "
                           "are taken over the clients' scalars for each shared seed)")
+    _check_calibration(cfg)
     if cfg.ray.chaos_kill_prob > 0 and cfg.ray.backend != "ray":
         raise ConfigError("ray.chaos_kill_prob: kills client actors, so it needs ray.backend=ray")
     return cfg
+
+
+def round_steps(cfg: Config, round_: int) -> int:
+    """Local steps a (not early-stopped) client runs in round `round_` (rounds count from 1)."""
+    if round_ == 1:
+        if cfg.fed.first_round_steps:
+            return cfg.fed.first_round_steps
+        if cfg.vp.enabled and cfg.vp.calibration != "rounds":
+            return cfg.vp.calib_steps
+    return cfg.fed.local_steps
+
+
+def _check_calibration(cfg: Config) -> None:
+    """Meerkat-vp must be able to decide, and early enough to matter (never a silent no-op)."""
+    vp, fed = cfg.vp, cfg.fed
+    if not vp.enabled:
+        return
+    if vp.calibration == "rounds":
+        needed = math.ceil(max(0, vp.calib_steps - round_steps(cfg, 1)) / fed.local_steps) + 1
+        if needed > fed.rounds:
+            raise ConfigError(f"vp.calib_steps: {vp.calib_steps} calibration steps spread over rounds of "
+                              f"{fed.local_steps} need {needed} rounds, the run has fed.rounds={fed.rounds}")
+        return
+    if fed.first_round_steps and fed.first_round_steps < vp.calib_steps:
+        raise ConfigError(f"fed.first_round_steps: {fed.first_round_steps} is shorter than the {vp.calib_steps} "
+                          f"calibration steps vp.calibration={vp.calibration} takes in round 1")
+    if vp.calibration == "probe" and fed.rounds < 2:
+        raise ConfigError("fed.rounds: vp.calibration=probe discards round 1, so the run needs at least 2 rounds")
 
 
 def from_dict(data: dict | None) -> Config:

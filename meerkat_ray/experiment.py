@@ -49,7 +49,22 @@ def prepare_data(cfg: Config) -> DataSetup:
     labels = np.asarray(task.train_labels)
     partition = make_partition(labels, d.num_clients, d.partition, alpha=d.alpha,
                                extreme_fraction=d.extreme_fraction, seed=cfg.seed, num_classes=task.num_classes)
-    return DataSetup(task=task, partition=partition)
+    setup = DataSetup(task=task, partition=partition)
+    check_calibration_data(cfg, setup.client_sizes)
+    return setup
+
+
+def check_calibration_data(cfg: Config, sizes: list[int]) -> None:
+    """VPCS must not read a client's own data twice during calibration: a client that cycles its few
+    examples collapses its local loss like a single-label client and would be flagged for its size."""
+    if not cfg.vp.enabled:
+        return
+    need = cfg.vp.calib_steps * cfg.data.batch_size
+    small = min(range(len(sizes)), key=lambda k: sizes[k])
+    if sizes[small] < need:
+        raise ConfigError(f"vp.calib_steps: {cfg.vp.calib_steps} calibration steps of data.batch_size "
+                          f"{cfg.data.batch_size} read {need} examples per client, but client {small} has only "
+                          f"{sizes[small]}; lower vp.calib_steps or data.batch_size, or use fewer clients")
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

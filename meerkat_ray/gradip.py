@@ -4,11 +4,17 @@ GradIP_k^t = <g_pre, scalar_k^t z_t> = scalar_k^t * <g_pre, z_t>: one scalar per
 
 VPCS on each client's calibration trajectory a_t = |GradIP_k^t|, t < calib_steps:
     early  = first `early_fraction` of the steps, late = last `late_fraction`
-    ref    = median over clients of mean(early)            (population reference: sigma is scale-free)
-    rho_later_k = mean(early_k) / mean(late_k)
+    S      = the phase statistic, `vp.statistic`: mean or median (|GradIP| is heavy-tailed: single
+             steps of 60-100 among values of 1-10, so a mean over a few early steps is one outlier)
+    ref    = median over clients of S(early)               (population reference: sigma is scale-free)
+    rho_later_k = S(early_k) / S(late_k)
     quiet_k     = fraction of late steps with a_t < sigma * ref
 A client is flagged extreme non-IID when rho_later_k > rho and quiet_k > min_quiet_fraction; it is
 then early-stopped (1 local step per round instead of T). Policies are small objects in `POLICIES`.
+
+The decay shows only on an *uninterrupted* local trajectory (each averaging restarts a client from
+a global model the others pull back), so by default the calibration is round 1, run for
+`calib_steps` steps from the initial model (`vp.calibration`, see `config.round_steps`).
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ from .config import VPConfig
 class VPCSStats:
     rho_later: float
     quiet_fraction: float
-    early_mean: float
-    late_mean: float
+    early: float        # S(early phase) of |GradIP|, S = vp.statistic
+    late: float         # S(late phase)
 
 
 def phase_lengths(steps: int, early_fraction: float, late_fraction: float) -> tuple[int, int]:
@@ -40,16 +46,20 @@ def vpcs_statistics(trajectories: dict[int, np.ndarray], cfg: VPConfig) -> dict[
     absolute = {k: np.abs(np.asarray(v, dtype=np.float64)) for k, v in trajectories.items()}
     steps = min(len(v) for v in absolute.values())
     n_early, n_late = phase_lengths(steps, cfg.early_fraction, cfg.late_fraction)
-    early = {k: float(v[:n_early].mean()) for k, v in absolute.items()}
+    summarise = STATISTICS[cfg.statistic]
+    early = {k: summarise(v[:n_early]) for k, v in absolute.items()}
     reference = float(np.median(list(early.values())))
     stats = {}
     for k, v in absolute.items():
         late = v[steps - n_late: steps]
-        late_mean = float(late.mean())
-        rho_later = early[k] / late_mean if late_mean > 0 else float("inf")
+        late_stat = summarise(late)
+        rho_later = early[k] / late_stat if late_stat > 0 else float("inf")
         quiet = float((late < cfg.sigma * reference).mean())
-        stats[k] = VPCSStats(rho_later, quiet, early[k], late_mean)
+        stats[k] = VPCSStats(rho_later, quiet, early[k], late_stat)
     return stats
+
+
+STATISTICS = {"mean": lambda a: float(np.mean(a)), "median": lambda a: float(np.median(a))}
 
 
 def gradip_flags(stats: dict[int, VPCSStats], cfg: VPConfig) -> list[int]:
@@ -59,16 +69,12 @@ def gradip_flags(stats: dict[int, VPCSStats], cfg: VPConfig) -> list[int]:
 class GradIPPolicy:
     """VPCS: flag the clients whose GradIP trajectory decays and stays quiet."""
 
-    name = "gradip"
-
     def select(self, stats: dict[int, VPCSStats], cfg: VPConfig, rng: np.random.Generator) -> list[int]:
         return gradip_flags(stats, cfg)
 
 
 class RandomPolicy:
     """Baseline: early-stop as many clients as VPCS would, chosen uniformly at random."""
-
-    name = "random"
 
     def select(self, stats: dict[int, VPCSStats], cfg: VPConfig, rng: np.random.Generator) -> list[int]:
         count = len(gradip_flags(stats, cfg))
@@ -98,14 +104,15 @@ class VPState:
         if not self.decided:
             self.trajectories[client].extend(grad_ips)
 
-    def maybe_decide(self, round_: int, local_steps: int) -> bool:
-        """Decide after the first round by which every client could have run `calib_steps` steps.
+    def maybe_decide(self, round_: int, planned_steps: int) -> bool:
+        """Decide after the first round by which every client could have run `calib_steps` steps
+        (`planned_steps`: the local steps of rounds 1..round_ for a client that was not stopped).
 
         Clients whose trajectory is still short then (their results were rejected) are not flagged."""
         if self.decided or not self.cfg.enabled:
             return False
         steps = self.cfg.calib_steps
-        if round_ * local_steps < steps:
+        if planned_steps < steps:
             return False
         window = {k: np.asarray(v[:steps]) for k, v in self.trajectories.items() if len(v) >= steps}
         if not window:

@@ -31,6 +31,11 @@ from .runlog import RunWriter, load_theta, remove_owned_folder, save_theta, writ
 from .server import Server
 
 
+# per round in metrics.jsonl: clients re-run, client actors replaced, client actors lost from the pool,
+# replacements that joined it, server actors restored from the last checkpoint (all 0 without Ray)
+FAULT_COUNTERS = ("retries", "actor_restarts", "pool_shrinks", "pool_regrowths", "server_restarts")
+
+
 class LocalExecutor(WorkerHost):
     """Runs every virtual client on one in-process worker, sequentially."""
 
@@ -52,7 +57,7 @@ class LocalExecutor(WorkerHost):
         return results
 
     def fault_counts(self) -> dict:
-        return {"retries": 0, "actor_restarts": 0}  # nothing here can die without the whole process
+        return dict.fromkeys(FAULT_COUNTERS, 0)  # nothing here can die without the whole process
 
     def close(self) -> None:
         pass
@@ -83,12 +88,13 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
 
 
 def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress: bool = True,
-             on_round=None, resume: RunCheckpoint | None = None) -> dict:
+             on_round=None, resume: RunCheckpoint | None = None, extreme_clients: list[int] | None = None) -> dict:
     """The round loop. Returns the last evaluation (accuracy, loss) and timing.
 
     `on_round(round, metrics, last, checkpoint)` runs after each round's files and its RunCheckpoint
     are written (Tune reports that checkpoint); `resume` continues after the checkpoint's round. After
     the zero-shot evaluation and after every round the run folder's checkpoint is replaced (atomically).
+    `extreme_clients` (when the partition knows them) scores the VPCS decision in the round it is made.
     """
     cfg_dict = to_dict(cfg)
 
@@ -118,6 +124,11 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
         outcome = server.finish_round(r, plans, results)
         executor.sync(outcome.sync)
         metrics = dict(outcome.metrics)
+        if metrics.get("vp_decided"):
+            if extreme_clients is not None:
+                metrics["flagging"] = flag_quality(metrics["flagged_clients"], extreme_clients)
+            if progress:
+                tqdm.write(decision_line(r, metrics, extreme_clients))
         if r % cfg.fed.eval_every == 0 or r == cfg.fed.rounds:
             acc, loss = executor.evaluate()
             metrics.update(accuracy=acc, test_loss=loss)
@@ -134,6 +145,16 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
             on_round(r, metrics, last, saved)
     last["train_wall_s"] = time.perf_counter() - start
     return last
+
+
+def decision_line(round_: int, metrics: dict, extreme_clients: list[int] | None) -> str:
+    stats = metrics.get("vpcs") or {}
+    rho = " ".join(f"{k}:{s['rho_later']:.2f}/{s['quiet_fraction']:.2f}" for k, s in stats.items())
+    line = f"VPCS decided after round {round_}: flagged {metrics['flagged_clients']}"
+    if extreme_clients is not None:
+        f = metrics["flagging"]
+        line += f" (truly extreme {extreme_clients}: precision {_fmt(f['precision'])}, recall {_fmt(f['recall'])})"
+    return line + f"\n  per client rho_later/quiet: {rho}"
 
 
 def _fmt(value) -> str:
@@ -214,7 +235,7 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
         if resume is not None:
             server.load_state(resume.server, resume.theta)
             executor.restore(resume.theta, resume.round)
-        last = federate(cfg, server, executor, writer, progress, on_round, resume)
+        last = federate(cfg, server, executor, writer, progress, on_round, resume, data.extreme_clients)
         server = executor.local_server(server)  # the final state, in this process
         if not torch.equal(executor.global_theta(), server.theta):
             raise RuntimeError("client workers and server disagree on the global values")
@@ -240,6 +261,9 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
         "mask_size": mask.n,
         "flagged_clients": server.vp.flagged,
         "vp_decided_round": server.vp.decided_round,
+        "vp_calibration": cfg.vp.calibration if cfg.vp.enabled else None,
+        "vp_statistic": cfg.vp.statistic if cfg.vp.enabled else None,
+        "calibration_local_steps": sum(m.get("local_steps") or 0 for m in writer.metrics if m.get("calibration")),
         "extreme_clients": data.extreme_clients,
         "flagging": flag_quality(server.vp.flagged, data.extreme_clients) if server.vp.decided else None,
         "vpcs": {str(k): vars(s) for k, s in server.vp.stats.items()},
@@ -261,7 +285,9 @@ def print_summary(s: dict, run_dir: Path) -> None:
     row("final accuracy", f"{s['final_accuracy']:.3f}  (best {s['best_accuracy']:.3f})")
     row("uplink / downlink bytes", f"{s['uplink_bytes']:,} / {s['downlink_bytes']:,}")
     row("local steps", f"{s['local_steps']:,} over {s['rounds']} rounds, mask n={s['mask_size']:,}")
-    row("flagged clients (VPCS)", s["flagged_clients"] if s["vp_decided_round"] is not None else "not decided")
+    decided = s["vp_decided_round"]
+    row("flagged clients (VPCS)", f"{s['flagged_clients']}  (decided after round {decided}, "
+        f"{s['calibration_local_steps']:,} calibration steps)" if decided is not None else "not decided")
     row("truly extreme clients", s["extreme_clients"])
     if s["flagging"]:
         f = s["flagging"]

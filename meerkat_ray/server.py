@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Config
+from .config import Config, round_steps
 from .gradip import VPCSStats, VPState
 from .messages import ClientPlan, ClientResult, SyncMessage
 from .path import ClientPath, aggregation_terms, apply_terms_, step_seeds
+from .zo import perturbations
 
 
 @dataclass
@@ -68,20 +69,31 @@ class Server:
     def num_clients(self) -> int:
         return len(self.sizes)
 
-    def steps_for(self, client: int) -> int:
-        return 1 if client in self.vp.flagged else self.cfg.fed.local_steps
+    def steps_for(self, client: int, round_: int) -> int:
+        return 1 if client in self.vp.flagged else round_steps(self.cfg, round_)
+
+    def is_probe(self, round_: int) -> bool:
+        """Round 1 under vp.calibration=probe: run and replayed for VPCS, its update discarded."""
+        vp = self.cfg.vp
+        return round_ == 1 and vp.enabled and vp.calibration == "probe"
 
     def plan_round(self, round_: int) -> list[ClientPlan]:
         """Plans for round `round_` (rounds count from 1; 0 is the zero-shot evaluation)."""
         fed = self.cfg.fed
         plans = []
         for k in range(self.num_clients):
-            steps = self.steps_for(k)
-            seeds = step_seeds(self.cfg.seed, round_, k, fed.local_steps if fed.seed_sharing == "round" else steps,
+            steps = self.steps_for(k, round_)
+            seeds = step_seeds(self.cfg.seed, round_, k,
+                               round_steps(self.cfg, round_) if fed.seed_sharing == "round" else steps,
                                fed.seed_sharing)
             plans.append(ClientPlan(round=round_, client=k, seeds=seeds, steps=steps, lr=self.cfg.zo.lr,
                                     cursor=int(self.cursors[k])))
         return plans
+
+    def in_calibration(self, round_: int) -> bool:
+        """Whether round `round_` recorded calibration steps for VPCS."""
+        vp = self.vp
+        return bool(self.cfg.vp.enabled and (vp.decided_round is None or round_ <= vp.decided_round))
 
     @staticmethod
     def check_result(plan: ClientPlan, result: ClientResult | None, clip: float = 0.0) -> str:
@@ -114,7 +126,8 @@ class Server:
             else:
                 accepted.append(plan)
         total = float(sum(self.sizes[p.client] for p in accepted))
-        paths = [ClientPath(client=p.client, weight=float(self.sizes[p.client]) / total,
+        probe = self.is_probe(round_)  # weight 0: the replay of path.parquet adds nothing for it
+        paths = [ClientPath(client=p.client, weight=0.0 if probe else float(self.sizes[p.client]) / total,
                             seeds=p.seeds[: p.steps], scalars=[float(s) for s in by_client[p.client].scalars], lr=p.lr)
                  for p in accepted]
         fed = self.cfg.fed
@@ -125,7 +138,13 @@ class Server:
             if self.g_pre is not None:
                 dots[seed] = float(torch.dot(self.g_pre, z.double()))
 
-        apply_terms_(self.theta, terms, on_z)
+        if probe:  # GradIP still needs every z; nothing is applied, nothing is sent to sync
+            seeds = [t.seed for t in terms]
+            for seed, z in zip(seeds, perturbations(seeds, self.theta.numel())):
+                on_z(seed, z)
+            terms = []
+        else:
+            apply_terms_(self.theta, terms, on_z)
         rows = []
         for path in paths:
             grad_ips = [g * dots.get(s, math.nan) for s, g in zip(path.seeds, path.scalars)]
@@ -134,7 +153,7 @@ class Server:
                      for t, (s, g, gi) in enumerate(zip(path.seeds, path.scalars, grad_ips))]
         for plan in plans:  # data consumed is consumed, accepted or not
             self.cursors[plan.client] += plan.steps * self.cfg.data.batch_size
-        decided_now = self.vp.maybe_decide(round_, self.cfg.fed.local_steps)
+        decided_now = self.vp.maybe_decide(round_, sum(round_steps(self.cfg, r) for r in range(1, round_ + 1)))
 
         sync = SyncMessage(round=round_, terms=terms, sharing=self.cfg.fed.seed_sharing)
         up = sum(by_client[p.client].payload_bytes() for p in plans if p.client in by_client)
@@ -151,10 +170,14 @@ class Server:
             "downlink_bytes": down,
             "flagged_clients": list(self.vp.flagged),
             "vp_decided": decided_now,
+            "calibration": self.in_calibration(round_),
             "rejected_clients": sorted(rejected),
             "rejected_reasons": {str(k): v for k, v in sorted(rejected.items())},
             "local_steps": steps,
         }
+        if decided_now:  # the decision, visible in the round it is made
+            metrics["vpcs"] = {str(k): vars(st) for k, st in sorted(self.vp.stats.items())}
+            metrics["vp_calib_steps"] = self.cfg.vp.calib_steps
         frame = pd.DataFrame(rows, columns=["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"])
         frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64"})
         return RoundOutcome(metrics=metrics, path_rows=frame, sync=sync)

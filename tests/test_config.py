@@ -214,7 +214,7 @@ def test_an_item_after_a_flag_reaches_the_config(tmp_path, capsys):
 def fixture_data(tmp_path) -> list[str]:
     """Small hub-shaped data: the run refuses or fails before any step, in ~3 s."""
     return ["data.task=sst2", f"data.source={SST2}", "data.num_test=4", "data.num_clients=2",
-            f"output_dir={tmp_path / 'runs'}", "name=exp"]
+            f"output_dir={tmp_path / 'runs'}", "name=exp", "vp.enabled=false"]
 
 
 def test_cli_refuses_an_existing_run_folder_and_leaves_it_untouched(tmp_path):

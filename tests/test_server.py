@@ -198,12 +198,30 @@ def test_vpcs_statistics_on_hand_computed_trajectories():
     a = [4, 4, 1, 1, 1, 1, 1, 1, 1, 1]            # falls to the population's level: rho 4, not quiet
     b = [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]            # flat: rho 1
     c = [1, -1, 0.2, 0.1, -0.1, 0.1, 0.1, 0.1, 0.1, 0.1]  # decays to quiet: rho 10, quiet 1.0
-    stats = vpcs_statistics({0: a, 1: b, 2: c}, VPConfig())
-    assert [(s.early_mean, s.late_mean) for s in stats.values()] == [(4, 1), (2, 2), (1, pytest.approx(0.1))]
+    cfg = VPConfig(statistic="mean")
+    stats = vpcs_statistics({0: a, 1: b, 2: c}, cfg)
+    assert [(s.early, s.late) for s in stats.values()] == [(4, 1), (2, 2), (1, pytest.approx(0.1))]
     assert [s.rho_later for s in stats.values()] == [4, 1, pytest.approx(10)]
     assert [s.quiet_fraction for s in stats.values()] == [0.0, 0.0, 1.0]
     # a is not quiet: "quiet" is relative to the population, not to a client's own early phase
-    assert GradIPPolicy().select(stats, VPConfig(), None) == [2]
+    assert GradIPPolicy().select(stats, cfg, None) == [2]
+
+
+def test_median_statistic_ignores_a_single_heavy_tailed_step():
+    """early = 2 steps, late = 5. One 60-sized GradIP in client 1's late phase makes its mean 12.8
+    (rho 0.08); the median ignores it (rho 1). With 2 early steps median and mean agree (client 0)."""
+    a = [61, 1, 1, 1, 1, 1, 1, 1, 1, 1]            # an IID-like client with one outlier step
+    b = [1, 1, 1, 1, 1, 60, 1, 1, 1, 1]            # an outlier in the late phase
+    c = [2, 2, 2, 2, 2, 0.1, 0.1, 0.1, 0.1, 0.2]   # a real decay to quiet
+    mean = vpcs_statistics({0: a, 1: b, 2: c}, VPConfig(statistic="mean"))
+    median = vpcs_statistics({0: a, 1: b, 2: c}, VPConfig(statistic="median"))
+    assert mean[0].early == 31 and mean[0].rho_later == 31
+    assert mean[1].late == pytest.approx(64 / 5) and mean[1].rho_later == pytest.approx(5 / 64)
+    # median of [61, 1] is 31 (two early steps), of the late phases 1, 1 and 0.1
+    assert [median[k].late for k in (0, 1, 2)] == [1, 1, pytest.approx(0.1)]
+    assert median[1].rho_later == 1 and median[2].rho_later == pytest.approx(20)
+    # the population reference is the median of the early statistics (31, 1, 2 -> 2): quiet < 0.5 * 2
+    assert [median[k].quiet_fraction for k in (0, 1, 2)] == [0.0, 0.0, 1.0]
 
 
 def test_vp_state_decides_once_after_calibration_without_waiting_for_a_rejected_client():
@@ -214,7 +232,7 @@ def test_vp_state_decides_once_after_calibration_without_waiting_for_a_rejected_
         for k in (0, 1, 2):
             if not (k == 2 and r == 5):  # client 2's round-5 result was rejected: 40 steps only
                 state.record(k, list(series[k][lo: lo + 10]))
-        decided = state.maybe_decide(r, local_steps=10)
+        decided = state.maybe_decide(r, planned_steps=10 * r)
         assert decided == (r == 5) and state.decided == (r >= 5)
     assert state.flagged == [1] and state.decided_round == 5
     assert sorted(state.stats) == [0, 1]  # a client short of calib_steps is judged by no one, and not flagged
@@ -267,7 +285,7 @@ def targeted_results(server, plans, targets):
 @pytest.mark.parametrize("sharing", ["round", "client"])
 def test_flagged_clients_run_one_step_per_round_and_keep_their_data_cursor(sharing):
     server, _, _ = synthetic_server(f"fed.seed_sharing={sharing}", "vp.enabled=true", "vp.calib_steps=8",
-                                    sizes=[40, 40, 40, 40])
+                                    "vp.calibration=rounds", sizes=[40, 40, 40, 40])
     step = {k: 0 for k in range(4)}  # each client's global step count, for its GradIP target
 
     def target(k):
@@ -293,6 +311,38 @@ def test_flagged_clients_run_one_step_per_round_and_keep_their_data_cursor(shari
         assert metrics["flagged_clients"] == ([0] if r >= 2 else [])
         assert metrics["local_steps"] == (16 if r <= 2 else 13)
     assert server.vp.stats[0].rho_later > 2 and server.vp.stats[1].rho_later < 2
+
+
+def decaying_target(k):
+    """Client 0's |GradIP| decays as exp(-i/2); the others oscillate at a constant amplitude."""
+    return (lambda i: math.exp(-i / 2)) if k == 0 else (lambda i: (1.0 + 0.5 * math.sin(i + k)) * (-1) ** i)
+
+
+@pytest.mark.parametrize("calibration", ["first_round", "probe"])
+def test_first_round_calibration_decides_after_round_1_from_an_uninterrupted_trajectory(calibration):
+    """Round 1 runs vp.calib_steps = 12 steps (not T = 4) for every client, VPCS decides at its end;
+    under `probe` round 1 moves nothing (weight 0, no sync terms), under `first_round` it is aggregated."""
+    server, theta0, _ = synthetic_server("vp.enabled=true", "vp.calib_steps=12", "fed.local_steps=4",
+                                         f"vp.calibration={calibration}", sizes=[40, 40, 40, 40])
+    plans = server.plan_round(1)
+    assert [p.steps for p in plans] == [12] * 4 and all(len(p.seeds) == 12 for p in plans)
+    outcome = server.finish_round(1, plans, targeted_results(server, plans, {k: decaying_target(k) for k in range(4)}))
+    m = outcome.metrics
+    assert m["vp_decided"] and m["calibration"] and m["flagged_clients"] == [0] and m["local_steps"] == 48
+    assert sorted(m["vpcs"]) == ["0", "1", "2", "3"] and m["vpcs"]["0"]["rho_later"] > 2
+    assert len(outcome.path_rows) == 48
+    if calibration == "probe":
+        assert outcome.sync.terms == [] and torch.equal(server.theta, theta0)
+        assert (outcome.path_rows["weight"] == 0).all()
+    else:
+        assert len(outcome.sync.terms) == 12 and not torch.equal(server.theta, theta0)
+        assert outcome.path_rows.groupby("client")["weight"].first().tolist() == [0.25] * 4
+    assert m["uplink_bytes"] == 4 * (8 * (2 + 12) + 4 * 12)  # round, client, 12 scalars, 12 fp32 losses: like any round
+    plans2 = server.plan_round(2)
+    assert [p.steps for p in plans2] == [1, 4, 4, 4]
+    assert all(p.cursor == 12 * 4 for p in plans2)  # the calibration consumed data like any step
+    m2 = server.finish_round(2, plans2, answer(plans2)).metrics
+    assert not m2["vp_decided"] and not m2["calibration"] and m2["flagged_clients"] == [0]
 
 
 def test_grad_ip_targets_arrive_in_the_path_rows():
