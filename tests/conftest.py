@@ -106,3 +106,33 @@ def ray_cluster():
         ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+class ModelLoaded(BaseException):
+    """Raised by `no_model_or_cluster` when code enters a model loader or starts Ray: a
+    BaseException, so that no `except Exception` on the way can turn it into an error line."""
+
+
+@pytest.fixture
+def no_model_or_cluster(monkeypatch):
+    """Any entry into a model loader (ours or transformers') or `ray.init` fails the test: proves
+    "refused before any model is loaded or cluster started" whatever the cache holds."""
+    import ray
+    import transformers
+
+    import meerkat_ray.experiment
+    import meerkat_ray.models
+
+    def entered(what):
+        def fail(*args, **kwargs):
+            raise ModelLoaded(f"{what} was entered")
+        return fail
+
+    for module in (meerkat_ray.models, meerkat_ray.experiment):
+        monkeypatch.setattr(module, "load_model", entered("load_model"))
+    for name in ("_tiny_model", "smollm2_folder"):
+        monkeypatch.setattr(meerkat_ray.models, name, entered(name))
+    for name in ("from_pretrained", "from_config"):
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, name, entered(f"AutoModelForCausalLM.{name}"))
+    monkeypatch.setattr(ray, "init", entered("ray.init"))
+    yield

@@ -8,6 +8,7 @@ a fresh interpreter's, see test_config.py for those): exit status 2, exactly one
 
 import ast
 import dataclasses
+import re
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meerkat_ray.cli import main
-from meerkat_ray.config import CHOICES, RANGES, Config, _field_types, load_config
+from meerkat_ray.config import CHOICES, Config, _field_types, get_key, load_config
 from meerkat_ray.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "meerkat_ray"
@@ -38,18 +39,102 @@ WRONG_TYPE = {int: ["abc", "2.5", "true", "[1, 2]"], float: ["abc", "true", "{a:
               str: ["[1, 2]", "{a: 1}"]}
 
 
-def out_of_range(key: str, ok) -> str:
-    """The first of some candidates that the key's range check refuses."""
-    integer = LEAVES[key] is int
-    for value in ([-1, 0, 10**9] if integer else [-1.0, 0.0, 1.5, 0.5, 2.0, 1e9]):
-        if not ok(value):
-            return str(value)
-    raise AssertionError(f"no out-of-range candidate for {key}")
+# What each numeric key must accept and refuse, at the boundary, written by hand from what the key
+# means (README's config reference) - never from config.RANGES, so a wrong range is caught.
+# key -> (accepted, refused[, companion overrides that make the accepted values valid together])
+BOUNDS = {
+    "seed": ([0, 2**31], [-1]),
+    "model.num_threads": ([0, 1], [-1]),                            # 0 = torch's default
+    "data.min_confidence": ([0.0, 1.0], [-0.01, 1.01]),             # a confidence is a probability
+    "data.num_train": ([0, 1], [-1]),                               # 0 = all
+    "data.num_test": ([1], [0]),
+    "data.num_clients": ([1], [0]),
+    "data.alpha": ([1e-9], [0.0, -1.0]),                            # a Dirichlet concentration is > 0
+    "data.extreme_fraction": ([0.0, 1.0], [-0.01, 1.01]),
+    "data.batch_size": ([1], [0]),
+    "data.max_length": ([2], [1, 0]),                               # a prompt and the token it predicts from
+    "data.eval_batch_size": ([1], [0]),
+    "mask.density": ([1e-9, 1.0], [0.0, -0.1, 1.0001]),             # u in (0, 1]
+    "mask.calib_num_seqs": ([1], [0]),
+    "mask.calib_seq_len": ([2], [1]),                               # a causal-LM loss needs two tokens
+    "mask.calib_batch_size": ([1], [0]),
+    "zo.eps": ([1e-12], [0.0, -1e-3]),
+    "zo.lr": ([1e-12], [0.0, -1e-3]),
+    "zo.clip": ([0.0, 1e-9], [-1e-9]),                              # 0 = off
+    "fed.rounds": ([1], [0]),
+    "fed.local_steps": ([1], [0]),
+    "fed.first_round_steps": ([0, 30], [-1]),                       # 0 = T (or vp.calib_steps)
+    "fed.eval_every": ([1], [0]),
+    "fed.trim_fraction": ([0.0, 0.49], [0.5, -0.01]),               # dropping half from each end leaves nothing
+    "vp.sigma": ([1e-9], [0.0]),
+    "vp.rho": ([1e-9], [0.0]),
+    "vp.min_quiet_fraction": ([0.0, 1.0], [-0.01, 1.01]),
+    "vp.calib_steps": ([2], [1]),                                   # an early and a late phase
+    "vp.early_fraction": ([0.01, 0.5], [0.0, 1.0]),                 # with late_fraction 0.5: at most 0.5
+    "vp.late_fraction": ([0.01, 0.8], [0.0, 1.0]),                  # with early_fraction 0.2: at most 0.8
+    "ray.num_actors": ([1], [0]),
+    "ray.gpus_per_client": ([0.0, 0.25, 1.0, 2.0], [-0.01, 1.5]),   # a fraction of one GPU, or whole GPUs
+    "ray.cpus_per_client": ([0.01], [0.0]),
+    "ray.num_gpus": ([0, 1], [-1]),                                 # 0 = detect
+    "ray.max_actor_restarts": ([0], [-1]),
+    "ray.chaos_kill_prob": ([0.0, 0.99], [1.0, -0.01]),             # 1 would kill after every dispatch
+    "ray.actor_start_timeout_s": ([0.01], [0.0]),
+}
+# Choice keys and their values, by hand from the README's config reference.
+CONTRACT_CHOICES = {
+    "model.dtype": {"float32", "bfloat16", "float16"},
+    "data.partition": {"iid", "dirichlet", "extreme", "mixed"},
+    "mask.kind": {"pretrain_grad", "weight_magnitude", "random", "full"},
+    "mask.calib_corpus": {"pydoc", "c4"},
+    "fed.seed_sharing": {"round", "client"},
+    "fed.aggregation": {"mean", "median", "trimmed_mean"},
+    "vp.policy": {"gradip", "random"},
+    "vp.calibration": {"first_round", "probe", "rounds"},
+    "vp.statistic": {"mean", "median"},
+    "ray.backend": {"ray", "local"},
+}
+NUMERIC = sorted(k for k, t in LEAVES.items() if t in (int, float))
+
+
+def test_every_numeric_key_has_hand_written_bounds_and_every_choice_key_its_values():
+    """The tables above are the contract: a new key needs its entry, a changed range or choice list
+    shows up as a difference here (and in the boundary tests below)."""
+    assert sorted(BOUNDS) == NUMERIC
+    assert {k: set(v) for k, v in CHOICES.items()} == CONTRACT_CHOICES
+    readme = (PACKAGE.parent / "README.md").read_text()
+    for key, values in CONTRACT_CHOICES.items():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{key}` |")), "")
+        assert all(re.search(rf"\b{v}\b", row) for v in values), (key, row)
+
+
+BOUNDARY = [(key, value, ok) for key, (good, bad, *_) in BOUNDS.items() for value, ok in
+            [(v, True) for v in good] + [(v, False) for v in bad]]
+
+
+@pytest.mark.parametrize("key,value,ok", BOUNDARY, ids=[f"{k}={v}" for k, v, _ in BOUNDARY])
+def test_each_numeric_key_accepts_and_refuses_at_its_boundaries(key, value, ok):
+    companions = BOUNDS[key][2] if len(BOUNDS[key]) > 2 else []
+    item = f"{key}={value!r}"
+    if ok:
+        assert get_key(load_config(None, [*companions, item]), key) == value
+    else:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [*companions, item])
+        assert str(err.value).startswith(f"{key}:"), str(err.value)
+
+
+@pytest.mark.parametrize("key", sorted(CONTRACT_CHOICES))
+def test_each_choice_key_accepts_its_values_and_nothing_else(key):
+    for value in CONTRACT_CHOICES[key]:
+        assert get_key(load_config(None, [f"{key}={value}"]), key) == value
+    for value in ("no-such-choice", sorted(CONTRACT_CHOICES[key])[0].upper(), ""):
+        with pytest.raises(ConfigError, match=f"^{re.escape(key)}:"):
+            load_config(None, [f"{key}={value}"])
 
 
 MATRIX = (
     [(f"{key}={bad}", key) for key, typ in LEAVES.items() for bad in WRONG_TYPE[typ]]
-    + [(f"{key}={out_of_range(key, ok)}", key) for key, ok, _ in RANGES]
+    + [(f"{key}={BOUNDS[key][1][0]!r}", key) for key in NUMERIC]
     + [(f"{key}=no-such-choice", key) for key in CHOICES]
     + [  # keys whose bad values are not a type or a number range
         ("name=a/b", "name"), ("name=..", "name"), (f"name={'x' * 300}", "name"), ("name=", "name"),
@@ -65,24 +150,26 @@ MATRIX = (
 )
 
 
-def refused(capsys, *argv) -> str:
+def refused(capfd, *argv) -> str:
+    """main(argv) refuses: status 2, exactly one `error:` line on the process's stderr (file
+    descriptor 2, so C-level or child-process writes would show too), nothing on stdout. Callers
+    also take `no_model_or_cluster`: no model loader or cluster start is entered."""
     code = main(list(argv))
-    out = capsys.readouterr()
+    out = capfd.readouterr()
     lines = out.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, out.err[-2000:])
     assert "Traceback" not in out.err and out.out == ""
     return lines[0]
 
 
-def test_the_matrix_covers_every_key():
-    named = {key for _, key in MATRIX}
-    assert set(LEAVES) <= named and {k for k, _, _ in RANGES} <= named and set(CHOICES) <= named
+def test_the_matrix_names_every_key():
+    assert set(LEAVES) <= {key for _, key in MATRIX}
 
 
 @pytest.mark.parametrize("items,key", MATRIX, ids=[m[0][:60] for m in MATRIX])
-def test_every_bad_value_exits_2_with_one_line_naming_the_key(tmp_path, capsys, items, key):
+def test_every_bad_value_exits_2_with_one_line_naming_the_key(tmp_path, capfd, no_model_or_cluster, items, key):
     # the bad items come last: a later item overrides an earlier one
-    line = refused(capsys, "run", "--quiet", f"output_dir={tmp_path / 'runs'}", *items.split(";"))
+    line = refused(capfd, "run", "--quiet", f"output_dir={tmp_path / 'runs'}", *items.split(";"))
     assert line.startswith(f"error: {key}:") or line.startswith(f"error: {items}:"), line
     assert not (tmp_path / "runs").exists()
 
@@ -102,22 +189,22 @@ YAML_FILES = {  # file text -> what the error line names
 
 
 @pytest.mark.parametrize("text", YAML_FILES, ids=list(range(len(YAML_FILES))))
-def test_malformed_or_hostile_yaml_is_refused(tmp_path, capsys, text):
+def test_malformed_or_hostile_yaml_is_refused(tmp_path, capfd, no_model_or_cluster, text):
     path = tmp_path / "exp.yaml"
     path.write_text(text)
     # the overrides keep a wrongly accepted file cheap (a tiny model in process) and out of ./runs
-    line = refused(capsys, "run", "--quiet", str(path), f"output_dir={tmp_path / 'runs'}", "model.name=tiny-llama",
+    line = refused(capfd, "run", "--quiet", str(path), f"output_dir={tmp_path / 'runs'}", "model.name=tiny-llama",
                    "ray.backend=local", "data.num_train=20", "data.num_test=4")
     assert YAML_FILES[text] in line, line
     assert not (tmp_path / "runs").exists()
 
 
-def test_unusable_folders_are_refused_before_anything_loads(tmp_path, capsys):
+def test_unusable_folders_are_refused_before_anything_loads(tmp_path, capfd, no_model_or_cluster):
     (tmp_path / "a-file").write_text("x")
     tiny = ["run", "--quiet", "model.name=tiny-llama", "data.num_train=20", "data.num_test=4", "data.num_clients=2"]
-    line = refused(capsys, *tiny, f"output_dir={tmp_path / 'a-file' / 'runs'}")
+    line = refused(capfd, *tiny, f"output_dir={tmp_path / 'a-file' / 'runs'}")
     assert line.startswith("error: output_dir: ") and "a-file" in line
-    line = refused(capsys, *tiny, f"model.cache_dir={tmp_path / 'a-file'}", f"output_dir={tmp_path / 'runs'}")
+    line = refused(capfd, *tiny, f"model.cache_dir={tmp_path / 'a-file'}", f"output_dir={tmp_path / 'runs'}")
     assert line.startswith("error: model.cache_dir: ")
     assert not (tmp_path / "runs").exists()
 
@@ -244,3 +331,14 @@ def test_the_embedded_cluster_dashboard_binds_localhost_unless_configured(monkey
         federation.connect(rc)
     assert seen["dashboard_host"] == (host or "127.0.0.1")
     assert RayConfig().dashboard_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("backend, entered", [("local", "load_model"), ("ray", "ray.init")])
+def test_the_guard_stops_a_run_that_gets_as_far_as_a_model_or_a_cluster(tmp_path, no_model_or_cluster, backend,
+                                                                          entered):
+    """The refusal tests above would notice a wrongly accepted input: a valid run hits the guard."""
+    from conftest import ModelLoaded
+
+    with pytest.raises(ModelLoaded, match=entered):
+        main(["run", "--quiet", "model.name=tiny-llama", "data.num_train=40", "data.num_test=4", "vp.enabled=false",
+              f"ray.backend={backend}", f"output_dir={tmp_path / 'runs'}"])

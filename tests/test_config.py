@@ -31,10 +31,12 @@ def test_defaults_validate_and_round_trip():
 
 @pytest.mark.parametrize("key", CONTRACT_KEYS)
 def test_every_contract_key_exists(key):
-    get_key(Config(), key)
-    node = to_dict(Config())
+    node = to_dict(Config())  # what config.yaml holds
     for part in key.split("."):
+        assert isinstance(node, dict) and part in node, (key, part)
         node = node[part]
+    assert not isinstance(node, dict) and node == get_key(Config(), key)  # a leaf value, not a section
+    assert load_config(None, [f"{key}={yaml.safe_dump(node).strip().removesuffix('...').strip()}"]) == Config()
 
 
 def test_yaml_then_overrides_take_precedence(tmp_path):
@@ -133,10 +135,33 @@ def _write(path: Path, text: str) -> Path:
 
 # ----------------------------------------------------------------------------- the CLI
 
+# Imported by the interpreter at start-up (PYTHONPATH): at exit, write which modules of the libraries
+# that load models or start clusters the process had imported.
+SITECUSTOMIZE = """
+import atexit, os, sys
+
+def _record():
+    with open(os.environ["MEERKAT_TEST_IMPORTED"], "w") as f:
+        f.write(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "ray"))))
+
+atexit.register(_record)
+"""
+
+
 def cli(*args, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "meerkat_ray", *args], cwd=cwd, env=env, capture_output=True,
+    """`python -m meerkat_ray ARGS` in a fresh interpreter; `.imported` = the transformers and Ray
+    modules it had imported when it exited."""
+    hook = Path(cwd) / ".hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    record = hook / "imported.txt"
+    record.unlink(missing_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MEERKAT_TEST_IMPORTED": str(record),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "meerkat_ray", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
+    proc.imported = record.read_text().split() if record.is_file() else None
+    return proc
 
 
 def assert_one_error_line(proc, *names):
@@ -146,9 +171,10 @@ def assert_one_error_line(proc, *names):
     assert "Traceback" not in proc.stderr
     for name in names:
         assert name in lines[0], lines[0]
-    # failed before any model started: nothing printed, no conversion, no loading
     assert proc.stdout == ""
-    assert "converting" not in proc.stderr.lower() and "loading" not in proc.stderr.lower()
+    # refused before any model was loaded or cluster started: the process never even imported
+    # transformers (no model can be built without it) or Ray
+    assert proc.imported == [], proc.imported
 
 
 @pytest.mark.parametrize("args, name", [
@@ -198,16 +224,16 @@ def test_analyze_takes_its_flag_before_or_after_the_folder():
         assert (args.dir, args.out) == ("d", "o")
 
 
-def test_an_item_after_a_flag_reaches_the_config(tmp_path, capsys):
+def test_an_item_after_a_flag_reaches_the_config(tmp_path, capfd, no_model_or_cluster):
     """The refused key comes after `--quiet`: it was parsed, not dropped or refused as unrecognized."""
-    code, err, _ = run_main(capsys, "run", f"output_dir={tmp_path / 'runs'}", "--quiet", "fed.roundz=3")
+    code, err, _ = run_main(capfd, "run", f"output_dir={tmp_path / 'runs'}", "--quiet", "fed.roundz=3")
     assert code == 2 and err[0].startswith("error: fed.roundz:"), err
     sweep = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
-    code, err, _ = run_main(capsys, "tune", str(sweep), "--quiet", "grid.mask.densty=[1]", f"tune.output_dir={tmp_path}")
+    code, err, _ = run_main(capfd, "tune", str(sweep), "--quiet", "grid.mask.densty=[1]", f"tune.output_dir={tmp_path}")
     assert code == 2 and err[0].startswith("error: grid.mask.densty:"), err
     with pytest.raises(SystemExit) as exited:  # argparse's usage errors exit from the parser
-        run_main(capsys, "run", "a=1", "--no-such-flag", "b=2")
-    assert exited.value.code == 2 and capsys.readouterr().err == "error: unrecognized arguments: --no-such-flag\n"
+        run_main(capfd, "run", "a=1", "--no-such-flag", "b=2")
+    assert exited.value.code == 2 and capfd.readouterr().err == "error: unrecognized arguments: --no-such-flag\n"
     assert not (tmp_path / "runs").exists() and not (tmp_path / "smoke").exists()
 
 
@@ -231,29 +257,31 @@ def test_cli_refuses_an_existing_run_folder_and_leaves_it_untouched(tmp_path):
 # The cases below get past the config (imports, data), so they call the CLI's `main` in this
 # process rather than pay for a fresh interpreter; the output contract is the same.
 
-def run_main(capsys, *argv) -> tuple[int, list[str], str]:
+def run_main(capfd, *argv) -> tuple[int, list[str], str]:
+    """main(argv) in this process; stderr and stdout as the file descriptors saw them."""
     from meerkat_ray.cli import main
 
     code = main(list(argv))
-    out = capsys.readouterr()
+    out = capfd.readouterr()
     return code, out.err.splitlines(), out.out
 
 
 @pytest.mark.parametrize("override, name", [("model.name={tmp}/no-model", "model.name"),
                                             ("data.source={tmp}/no-data", "data.source"),
                                             ("data.task=no-task", "data.task")])
-def test_cli_missing_model_or_data_exits_2_without_a_run_folder(tmp_path, capsys, override, name):
-    code, err, out = run_main(capsys, "run", *fixture_data(tmp_path), override.format(tmp=tmp_path), "--quiet")
+def test_cli_missing_model_or_data_exits_2_without_a_run_folder(tmp_path, capfd, no_model_or_cluster, override,
+                                                                name):
+    code, err, out = run_main(capfd, "run", *fixture_data(tmp_path), override.format(tmp=tmp_path), "--quiet")
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and name in err[0], err
     assert out == "" and not (tmp_path / "runs" / "exp").exists()
 
 
-def test_cli_export_refuses_a_missing_or_unfinished_run_folder(tmp_path, capsys):
-    code, err, _ = run_main(capsys, "export", str(tmp_path / "nope"), str(tmp_path / "out"))
+def test_cli_export_refuses_a_missing_or_unfinished_run_folder(tmp_path, capfd, no_model_or_cluster):
+    code, err, _ = run_main(capfd, "export", str(tmp_path / "nope"), str(tmp_path / "out"))
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0], err
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.yaml").write_text("name: half\n")
-    code, err, _ = run_main(capsys, "export", str(tmp_path / "half"), str(tmp_path / "out"))
+    code, err, _ = run_main(capfd, "export", str(tmp_path / "half"), str(tmp_path / "out"))
     assert code == 2 and len(err) == 1 and "mask.safetensors" in err[0], err
     assert not (tmp_path / "out").exists()
 

@@ -90,7 +90,9 @@ def test_run_folder_has_every_contract_file(runs):
             assert METRIC_FIELDS <= m.keys(), (m["round"], METRIC_FIELDS - m.keys())
         evaluated = [m["round"] for m in metrics if m.get("accuracy") is not None]
         assert evaluated == [0, 2, 3]  # zero-shot, every fed.eval_every = 2 rounds, and the last
-        assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics if m["round"] in evaluated)
+        num_test = json.loads((run_dir / "summary.json").read_text())["num_test"]
+        assert num_test == 32  # data.num_test; every accuracy is a count of those 32 examples
+        assert all(float(m["accuracy"] * num_test).is_integer() for m in metrics if m["round"] in evaluated)
         assert all(m["train_loss"] > 0 and m["uplink_bytes"] > 0 and m["downlink_bytes"] > 0 for m in metrics[1:])
 
         path = read_path(run_dir)
@@ -122,6 +124,42 @@ def test_run_folder_has_every_contract_file(runs):
         assert summary["downlink_bytes"] == sum(m["downlink_bytes"] for m in metrics)
         assert summary["local_steps"] == len(path) == sum(m.get("local_steps", 0) for m in metrics)
         assert summary["extreme_clients"]  # the mixed partition has single-label clients
+
+
+def independent_evaluation(model, tokenizer, run_dir) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over the run's test set, one unpadded example at a time with
+    plain torch: the verbalizer's first tokens' logits at the prompt's last position (README:
+    prompts left-truncated to data.max_length tokens)."""
+    from meerkat_ray.experiment import prepare_data
+
+    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    task = prepare_data(cfg).task
+    label_ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in task.spec.label_words]
+    correct, losses = 0, []
+    with torch.no_grad():
+        for text, label in zip(task.test_texts, task.test_labels):
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"][-cfg.data.max_length:]
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, label_ids].double()
+            correct += int(int(logits.argmax()) == label)
+            losses.append(float(torch.logsumexp(logits, 0) - logits[label]))
+    return correct / len(losses), sum(losses) / len(losses)
+
+
+def test_reported_accuracy_and_loss_are_the_models_own(runs, original, tiny_lm):
+    """Zero-shot and final accuracy / test loss in metrics.jsonl equal an evaluation written here of
+    the original model and of the original model with sparse_final at the mask."""
+    import copy
+
+    for name, run_dir in runs.items():
+        metrics = read_metrics(run_dir)
+        acc0, loss0 = independent_evaluation(original, tiny_lm.tokenizer, run_dir)
+        assert metrics[0]["accuracy"] == acc0 and metrics[0]["test_loss"] == pytest.approx(loss0, rel=1e-4), name
+        trained = copy.deepcopy(original)
+        MaskedView(trained, load_mask(run_dir / "mask.safetensors")).write_(
+            load_file(str(run_dir / "sparse_final.safetensors"))["theta"])
+        acc, loss = independent_evaluation(trained, tiny_lm.tokenizer, run_dir)
+        assert metrics[-1]["accuracy"] == acc and metrics[-1]["test_loss"] == pytest.approx(loss, rel=1e-4), name
+        assert loss != pytest.approx(loss0, rel=1e-6)  # the evaluation saw the trained values
 
 
 def test_sparse_init_is_the_model_at_the_mask(runs, original):

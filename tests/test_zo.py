@@ -249,15 +249,28 @@ def test_mean_zo_estimate_points_along_the_masked_backprop_gradient(fresh_lm, ti
 
 # ----------------------------------------------------------------------------- draw-ahead and dense masks
 
+def z_draw_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("z-draw") and t.is_alive()]
+
+
 @pytest.mark.parametrize("n", [10, zo.DRAW_AHEAD_MIN_N + 5])
 def test_drawing_ahead_yields_exactly_the_contract_stream(n):
+    """Below DRAW_AHEAD_MIN_N no thread is started; from there on one thread draws the next z, and
+    a consumer that stops early (an error mid-round) ends it by closing the generator."""
+    threaded = n >= zo.DRAW_AHEAD_MIN_N
+    assert z_draw_threads() == []
     seeds = [derive_seed(9, t) for t in range(4)]
     drawn = list(zo.perturbations(seeds, n))
     assert len(drawn) == 4 and all(torch.equal(z, perturbation(s, n)) for s, z in zip(seeds, drawn))
     assert list(zo.perturbations([], n)) == []
-    early = zo.perturbations(seeds, n)  # a consumer that stops early (an error mid-round) ends the thread
+    assert z_draw_threads() == []  # an exhausted generator leaves no thread behind
+    early = zo.perturbations(seeds, n)
     assert torch.equal(next(early), perturbation(seeds[0], n))
+    assert len(z_draw_threads()) == (1 if threaded else 0)  # the thread is drawing seeds[1] now
     early.close()
+    assert z_draw_threads() == []  # closed: the pool was shut down and its thread joined
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
