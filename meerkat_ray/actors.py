@@ -35,11 +35,13 @@ class ClientActor(WorkerHost):
     def compute_mask(self) -> tuple[Mask, torch.Tensor]:
         return prepare_mask(self.cfg, self.lm, progress=False)
 
-    def start(self, mask: Mask, theta: torch.Tensor) -> None:
-        """Build the worker; mask and theta_0 come through the object store once, at set-up."""
+    def start(self, mask: Mask, theta: torch.Tensor) -> str:
+        """Build the worker; mask and theta_0 come through the object store once, at set-up.
+        Returns the node this actor runs on (named in warnings when it is lost)."""
         self.worker = build_worker(self.cfg, self.data, self.lm, mask, theta, name=self.name)
         self.eval_batches = test_batches(self.lm.tokenizer, self.data.task, self.cfg)  # any actor can evaluate
         self.data = None  # the worker keeps the tokenised training data, not the texts
+        return ray.get_runtime_context().get_node_id()
 
     def run(self, plan: ClientPlan) -> ClientResult:
         return self.worker.run(plan)
@@ -59,8 +61,10 @@ class ServerActor:
         torch.set_num_threads(1)  # started with the client actors, set up once the mask is known
         self.server = None
 
-    def setup(self, cfg: Config, theta: torch.Tensor, g_pre: torch.Tensor | None, client_sizes: list[int]) -> None:
+    def setup(self, cfg: Config, theta: torch.Tensor, g_pre: torch.Tensor | None, client_sizes: list[int]) -> str:
+        """Returns the node this actor runs on (named in the error when it is lost)."""
         self.server = Server(cfg, theta, g_pre, client_sizes)
+        return ray.get_runtime_context().get_node_id()
 
     def plan_round(self, round_: int) -> list[ClientPlan]:
         return self.server.plan_round(round_)

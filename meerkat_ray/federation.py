@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import sys
+import time
 from collections import deque
 
 import numpy as np
@@ -32,6 +33,7 @@ from .actors import ClientActor, ServerActor
 from .config import Config, RayConfig
 from .errors import MeerkatError
 from .path import derive_seed
+from .runner import FAULT_COUNTERS
 from .zo import accuracy_and_loss
 
 CONTROL_CPUS = 0.25   # the trial driver and the server actor: waiting on futures, replay and GradIP are light
@@ -132,28 +134,103 @@ def federation_demand(cfg: Config) -> tuple[float, float]:
     return sum(b.get("CPU", 0.0) for b in bundles), sum(b.get("GPU", 0.0) for b in bundles)
 
 
+# ----------------------------------------------------------------------------- lost nodes
+
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)  # an actor (or its node) is gone
+
+
+def node_label(node_id: str | None) -> str:
+    """`node 3f2a9c1b0d4e (10.0.0.7)`: how warnings and error lines name a node."""
+    if not node_id:
+        return "an unknown node"
+    ip = next((n.get("NodeManagerAddress") for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    return f"node {node_id[:12]}" + (f" ({ip})" if ip else "")
+
+
+def resume_hint(cfg: Config, round_: int) -> str:
+    return (f"the run folder holds the checkpoint of round {max(round_ - 1, 0)}: `meerkat-ray run --resume "
+            f"{cfg.run_dir}` continues it (a Tune trial retries from it by itself, up to tune.max_failures)")
+
+
 # ----------------------------------------------------------------------------- the server
 
 class ServerProxy:
-    """The driver's handle on the ServerActor; the round loop calls it like a local `Server`."""
+    """The driver's handle on the ServerActor; the round loop calls it like a local `Server`.
 
-    def __init__(self, actor):
+    A lost server actor (its node died) is rebuilt where the cluster has room: a fresh actor is set
+    up as at the start, loads the last state the driver holds (the latest `state_dict`, which is the
+    last round's checkpoint, or the `load_state` of a resumed run), replays the `finish_round` calls
+    made since, and the failed call runs again. All of it is deterministic, so the run goes on
+    exactly as without the loss. A replacement that cannot be scheduled within
+    `ray.actor_start_timeout_s` stops the run with an error naming the node, the round and
+    `run --resume`.
+    """
+
+    def __init__(self, executor: RayExecutor, cfg: Config, setup_args: tuple):
+        self.executor, self.cfg, self.setup_args = executor, cfg, setup_args
+        self.actor = executor.server_actor
+        self.node: str | None = None
+        self.saved = None                 # (state, theta) a replacement loads
+        self.since: list[tuple] = []      # finish_round arguments after `saved`, replayed in order
+        self.round = 0
+        self.restarts = 0
+        self.node = self._call("setup", *setup_args)
+
+    def _call(self, method: str, *args):
+        while True:
+            try:
+                if self.actor is None:
+                    self._rebuild()
+                return ray.get(getattr(self.actor, method).remote(*args))
+            except LOST:
+                self.actor = None
+
+    def _rebuild(self) -> None:
+        ray_cfg, lost = self.cfg.ray, node_label(self.node)
+        if self.restarts >= ray_cfg.max_actor_restarts:
+            raise MeerkatError(f"ray.max_actor_restarts: the server actor was lost with {lost} in round {self.round} "
+                               f"after {self.restarts} restarts; {resume_hint(self.cfg, self.round)}")
+        print(f"warning: the server actor was lost with {lost} in round {self.round}; restoring it from the last "
+              "checkpoint", file=sys.stderr, flush=True)
+        actor = self.executor.new_server_actor()
+        setup = actor.setup.remote(*self.setup_args)
+        ready, _ = ray.wait([setup], timeout=ray_cfg.actor_start_timeout_s)
+        if not ready:
+            ray.kill(actor)
+            raise MeerkatError(f"round {self.round}: the server actor was lost with {lost} and no replacement could be "
+                               f"scheduled within {ray_cfg.actor_start_timeout_s:g} s (ray.actor_start_timeout_s); "
+                               f"{resume_hint(self.cfg, self.round)}")
+        self.node = ray.get(setup)
+        calls = ([actor.load_state.remote(*self.saved)] if self.saved else [])
+        calls += [actor.finish_round.remote(*args) for args in self.since]
+        ray.get(calls)
         self.actor = actor
+        self.restarts += 1
+        self.executor.counts["server_restarts"] += 1
 
     def plan_round(self, round_: int):
-        return ray.get(self.actor.plan_round.remote(round_))
+        self.round = round_
+        return self._call("plan_round", round_)
 
     def finish_round(self, round_: int, plans, results):
-        return ray.get(self.actor.finish_round.remote(round_, plans, results))
+        outcome = self._call("finish_round", round_, plans, results)
+        self.since.append((round_, plans, results))
+        return outcome
 
     def state_dict(self):
-        return ray.get(self.actor.state_dict.remote())
+        state = self._call("state_dict")
+        self.saved, self.since = state, []
+        return state
 
     def load_state(self, state: dict, theta: torch.Tensor) -> None:
-        ray.get(self.actor.load_state.remote(state, theta))
+        self._call("load_state", state, theta)
+        self.saved, self.since = (state, theta), []
+
+    def theta(self) -> torch.Tensor:
+        return self._call("theta")
 
     def snapshot(self):
-        return ray.get(self.actor.snapshot.remote())
+        return self._call("snapshot")
 
 
 # ----------------------------------------------------------------------------- the executor
@@ -164,42 +241,53 @@ class RayExecutor:
     Set-up: every actor loads its model copy; actor 0 computes the mask and theta_0 (`mask`,
     `theta0` here, for the run folder and the server); every actor then builds its worker.
 
-    Faults: a client actor that dies (or that `ray.chaos_kill_prob` kills on purpose) loses the
-    plans it held; they go back to the queue and run on another actor (`retries`). Its slot gets a
-    fresh actor that restores the global values of the last finished round from the server actor
-    (`actor_restarts`; at most `ray.max_actor_restarts` for real deaths, after which the pool just
-    shrinks). A client's result depends only on the global values, its plan and its data, so the
-    run ends bit-identical to a fault-free one.
+    Faults: a client actor that dies (with its node, or killed by `ray.chaos_kill_prob`) loses the
+    plans it held; they go back to the queue and run on the actors left (`retries`; the pool
+    shrinks, `pool_shrinks`). Its slot gets a fresh actor (`actor_restarts`; at most
+    `ray.max_actor_restarts` for real deaths) that holds no work until the cluster has placed and
+    started it - at once where there is room, when the autoscaler has added a node, or never; once
+    up it restores the global values of the last finished round from the server and joins the pool
+    (`pool_regrowths`). Only when no client actor is left does the run wait for one, at most
+    `ray.actor_start_timeout_s`. A client's result depends only on the global values, its plan and
+    its data, so the run ends bit-identical to a fault-free one. A lost server actor is restored by
+    `ServerProxy`.
     """
 
     def __init__(self, cfg: Config, data):
         self.cfg = cfg
-        self.actors: list = []
-        self.slot_of: dict[int, int] = {}   # id(actor handle) -> its slot (name, placement bundle)
+        self.actors: list = []               # ready: started, holding the global values after self.round
+        self.starting: dict = {}             # ObjectRef of start() -> a replacement not up yet (holds no work)
+        self.slot_of: dict[int, int] = {}    # id(actor handle) -> its slot (name, placement bundle)
+        self.node_of: dict[int, str] = {}    # id(actor handle) -> node id, once started
+        self.lost_nodes: list[str] = []      # nodes of client actors lost, in order
         self.round = 0                       # the actors hold the global values after this round
-        self.server_ready = False
+        self.server: ServerProxy | None = None
         self.restarts_left = cfg.ray.max_actor_restarts
         self.victims: set[int] = set()       # id() of actors killed by the chaos option
         self.chaos = np.random.default_rng(derive_seed(cfg.seed, "chaos")) if cfg.ray.chaos_kill_prob > 0 else None
-        self.retries = self.actor_restarts = 0
+        self.counts = dict.fromkeys(FAULT_COUNTERS, 0)
         self.pg = self._own_placement_group(cfg)
         # the server actor's process starts alongside the client actors'; it is set up in make_server
-        self.server_actor = ServerActor.options(num_cpus=CONTROL_CPUS, **self._placement(1)).remote()
+        self.server_actor = self.new_server_actor()
         self.data_ref = ray.put(data)  # one copy in the object store for every actor (and replacements)
         self.actors = [self._new_actor(i) for i in range(cfg.ray.num_actors)]
         try:
             self.mask, self.theta0 = ray.get(self.actors[0].compute_mask.remote())
             self.mask_ref, self.theta0_ref = ray.put(self.mask), ray.put(self.theta0)
-            ray.get([a.start.remote(self.mask_ref, self.theta0_ref) for a in self.actors])  # set-up errors surface here
+            nodes = ray.get([a.start.remote(self.mask_ref, self.theta0_ref) for a in self.actors])  # set-up errors surface here
         except BaseException:
             self.close()
             raise
+        self.node_of.update((id(a), node) for a, node in zip(self.actors, nodes))
 
     def _new_actor(self, slot: int):
         actor = ClientActor.options(num_cpus=self.cfg.ray.cpus_per_client, num_gpus=self.cfg.ray.gpus_per_client,
                                     **self._placement(2 + slot)).remote(self.cfg, self.data_ref, f"client-actor-{slot}")
         self.slot_of[id(actor)] = slot
         return actor
+
+    def new_server_actor(self):
+        return ServerActor.options(num_cpus=CONTROL_CPUS, **self._placement(1)).remote()
 
     @staticmethod
     def _own_placement_group(cfg: Config):
@@ -215,19 +303,21 @@ class RayExecutor:
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)}
 
     def make_server(self, cfg: Config, theta: torch.Tensor, g_pre, client_sizes: list[int]) -> ServerProxy:
-        ray.get(self.server_actor.setup.remote(cfg, theta, g_pre, client_sizes))
-        self.server_ready = True
-        return ServerProxy(self.server_actor)
+        self.server = ServerProxy(self, cfg, (cfg, theta, g_pre, client_sizes))
+        return self.server
 
     def local_server(self, server: ServerProxy):
         return server.snapshot()
+
+    # -- the pool
 
     def run_clients(self, plans, on_result=None):
         """Every plan runs on some actor; a lost actor's plans go back to the queue."""
         queue = deque(plans)
         pending: dict = {}  # ObjectRef -> (actor, plan)
-        load = {id(a): 0 for a in self.actors}
+        load: dict[int, int] = {}
         results = {}
+        round_ = plans[0].round if plans else self.round + 1
         while queue or pending:
             # one plan per idle actor first, then the second in flight: K <= IN_FLIGHT x actors
             # clients must not pile up on the first actors while the others wait
@@ -238,13 +328,19 @@ class RayExecutor:
                         pending[actor.run.remote(plan)] = (actor, plan)
                         load[id(actor)] += 1
                         self._maybe_kill(actor)
-            done, _ = ray.wait(list(pending), num_returns=1)
+            if not pending:  # no client actor is left: wait (bounded) for a replacement
+                self._wait_for_actors(round_)
+                continue
+            done, _ = ray.wait(list(pending) + list(self.starting), num_returns=1)
+            if done[0] in self.starting:  # a replacement is up: it takes plans from the next pass on
+                self._admit(done[0])
+                continue
             actor, plan = pending.pop(done[0])
             load[id(actor)] -= 1
             try:
                 result = ray.get(done[0])
-            except ray.exceptions.RayActorError:
-                self.retries += 1
+            except LOST:
+                self.counts["retries"] += 1
                 queue.appendleft(plan)
                 self._lost(actor, pending, queue)
                 continue
@@ -252,7 +348,7 @@ class RayExecutor:
             if on_result:
                 on_result(result)
             if id(actor) in self.victims and load[id(actor)] == 0:
-                self._replace(actor)  # killed after its last plan had already finished
+                self._lost(actor)  # killed after its last plan had already finished
         return [results[p.client] for p in plans]  # keyed by client: arrival order never matters
 
     def _maybe_kill(self, actor) -> None:
@@ -261,63 +357,95 @@ class RayExecutor:
             self.victims.add(id(actor))
             ray.kill(actor, no_restart=True)
 
-    def _lost(self, actor, pending: dict, queue: deque) -> None:
-        """A dead actor: its other plans go back to the queue, a fresh actor takes its slot."""
-        for ref, (owner, plan) in list(pending.items()):
+    def _lost(self, actor, pending: dict | None = None, queue: deque | None = None) -> None:
+        """A dead actor leaves the pool; its other plans go back to the queue; its slot gets a replacement."""
+        for ref, (owner, plan) in list((pending or {}).items()):
             if owner is actor:
                 del pending[ref]
                 queue.appendleft(plan)
-                self.retries += 1
+                self.counts["retries"] += 1
+        if actor in self.actors:
+            self.actors.remove(actor)
+            self.counts["pool_shrinks"] += 1
+            self.lost_nodes.append(self.node_of.get(id(actor)))
         self._replace(actor)
 
     def _replace(self, dead) -> None:
-        if dead not in self.actors:
+        slot = self.slot_of.pop(id(dead), None)
+        if slot is None:  # already replaced
             return
-        index = self.actors.index(dead)
-        slot = self.slot_of.pop(id(dead))
         chaos = id(dead) in self.victims
         self.victims.discard(id(dead))
+        where = node_label(self.node_of.pop(id(dead), None))
         if not chaos and self.restarts_left <= 0:
-            del self.actors[index]
-            print(f"warning: a client actor died; {len(self.actors)} left", file=sys.stderr, flush=True)
-            if not self.actors:
-                raise RuntimeError("every client actor died")
+            print(f"warning: client-actor-{slot} was lost ({where}) and ray.max_actor_restarts are used up; "
+                  f"{len(self.actors)} client actors carry on", file=sys.stderr, flush=True)
             return
         if not chaos:
             self.restarts_left -= 1
-            print(f"warning: client-actor-{slot} died; starting a replacement", file=sys.stderr, flush=True)
+            print(f"warning: client-actor-{slot} was lost ({where}); its replacement joins once the cluster can place "
+                  f"it, {len(self.actors)} client actors carry on", file=sys.stderr, flush=True)
         actor = self._new_actor(slot)
-        # Calls on one actor run in order: the plans sent next wait for these. The server holds the
-        # global values of the last finished round; before it is set up the survivors (or theta_0) do.
-        actor.start.remote(self.mask_ref, self.theta0_ref)
-        if self.server_ready or self.round > 0:
-            actor.restore.remote(self._current_theta(exclude=dead), self.round)
-        self.actors[index] = actor
-        self.actor_restarts += 1
+        self.starting[actor.start.remote(self.mask_ref, self.theta0_ref)] = actor
+        self.counts["actor_restarts"] += 1
 
-    def _current_theta(self, exclude):
-        if self.server_ready:
-            return self.server_actor.theta.remote()
-        alive = [a for a in self.actors if a is not exclude and id(a) not in self.victims]
-        if not alive:
-            raise RuntimeError("every client actor died and no server holds the global values")
-        return alive[0].global_theta.remote()
+    def _admit(self, ref) -> None:
+        """A replacement has started: it restores the current global values and joins the pool. Calls
+        on one actor run in order, so the plans it gets next wait for the restore. Only called where
+        the server's values are those after `self.round` (never between finish_round and sync)."""
+        actor = self.starting.pop(ref)
+        try:
+            node = ray.get(ref)
+        except LOST:  # lost before it was up: its slot tries again
+            self._replace(actor)
+            return
+        self.node_of[id(actor)] = node
+        if self.server is not None:
+            actor.restore.remote(ray.put(self.server.theta()), self.round)
+        self.actors.append(actor)
+        self.actors.sort(key=lambda a: self.slot_of[id(a)])
+        self.counts["pool_regrowths"] += 1
+
+    def _admit_started(self) -> None:
+        """Replacements that are up by now join the pool (no waiting)."""
+        if self.starting:
+            ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+            for ref in ready:
+                self._admit(ref)
+
+    def _wait_for_actors(self, round_: int) -> None:
+        """No client actor is left: wait up to ray.actor_start_timeout_s for a replacement, else stop."""
+        timeout = self.cfg.ray.actor_start_timeout_s
+        deadline = time.monotonic() + timeout
+        while not self.actors and self.starting and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            for ref in ready:
+                self._admit(ref)
+        if not self.actors:
+            nodes = ", ".join(dict.fromkeys(node_label(n) for n in self.lost_nodes)) or "no node known"
+            raise MeerkatError(f"round {round_}: every client actor was lost ({nodes}) and none could be restarted "
+                               f"within {timeout:g} s (ray.actor_start_timeout_s, ray.max_actor_restarts); "
+                               f"{resume_hint(self.cfg, round_)}")
 
     def fault_counts(self) -> dict:
-        """Clients re-run and actors replaced since the last call (per round in metrics.jsonl)."""
-        counts = {"retries": self.retries, "actor_restarts": self.actor_restarts}
-        self.retries = self.actor_restarts = 0
+        """Clients re-run, actors replaced, pool shrinks and regrowths, server restores since the last
+        call (per round in metrics.jsonl)."""
+        counts, self.counts = self.counts, dict.fromkeys(FAULT_COUNTERS, 0)
         return counts
 
     def _on_every_actor(self, method: str, *args) -> None:
-        """Call `method` on every actor and wait. A dead actor is replaced by one that restores the
-        state the call leads to (`self.round` is already the round it brings the actors to)."""
+        """Call `method` on every ready actor and wait; a dead one leaves the pool. Replacements that
+        are up by then join afterwards and restore the state the call leads to (`self.round` is
+        already the round it brings the actors to)."""
         calls = [(a, getattr(a, method).remote(*args)) for a in self.actors]
         for actor, ref in calls:
             try:
                 ray.get(ref)
-            except ray.exceptions.RayActorError:
-                self._replace(actor)
+            except LOST:
+                self._lost(actor)
+        self._admit_started()
+        if not self.actors:
+            self._wait_for_actors(self.round)
 
     def sync(self, msg) -> None:
         self.round = msg.round  # the server has finished this round
@@ -327,18 +455,24 @@ class RayExecutor:
         self.round = round_
         self._on_every_actor("restore", ray.put(theta), round_)
 
+    def _ready_actors(self) -> list:
+        self._admit_started()
+        if not self.actors:
+            self._wait_for_actors(self.round)
+        return list(self.actors)
+
     def evaluate(self) -> tuple[float, float]:
         """Every actor scores a share of the test batches; recombined in test-set order, so the
         numbers equal a single worker's to the bit."""
         while True:
-            actors = list(self.actors)
+            actors = self._ready_actors()
             calls = [(a, a.evaluate_shard.remote(i, len(actors))) for i, a in enumerate(actors)]
             shards = []
             for actor, ref in calls:
                 try:
                     shards.append(ray.get(ref))
-                except ray.exceptions.RayActorError:
-                    self._replace(actor)
+                except LOST:
+                    self._lost(actor)
             if len(shards) == len(actors):
                 ordered = [None] * sum(map(len, shards))
                 for i, scores in enumerate(shards):
@@ -348,16 +482,15 @@ class RayExecutor:
     def global_theta(self) -> torch.Tensor:
         """The actors' global values (they must all agree)."""
         while True:
-            actors = list(self.actors)
-            try:
-                thetas = ray.get([a.global_theta.remote() for a in actors])
+            actors = self._ready_actors()
+            thetas = []
+            for actor, ref in [(a, a.global_theta.remote()) for a in actors]:
+                try:
+                    thetas.append(ray.get(ref))
+                except LOST:
+                    self._lost(actor)
+            if len(thetas) == len(actors):
                 break
-            except ray.exceptions.RayActorError:
-                for actor in actors:  # find the dead one(s)
-                    try:
-                        ray.get(actor.info.remote())
-                    except ray.exceptions.RayActorError:
-                        self._replace(actor)
         if any(not torch.equal(thetas[0], t) for t in thetas[1:]):
             raise RuntimeError("client actors disagree on the global values")
         return thetas[0]
@@ -367,7 +500,10 @@ class RayExecutor:
 
     def close(self) -> None:
         """Stop the actors, and the embedded cluster if this process started one."""
-        for actor in self.actors + ([self.server_actor] if self.server_actor else []):
+        server = self.server.actor if self.server is not None else self.server_actor
+        for actor in self.actors + list(self.starting.values()) + ([server] if server is not None else []):
             ray.kill(actor)
-        self.actors, self.server_actor = [], None
+        self.actors, self.starting, self.server_actor = [], {}, None
+        if self.server is not None:
+            self.server.actor = None
         disconnect()

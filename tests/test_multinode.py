@@ -1,0 +1,151 @@
+"""Clusters as users meet them: a node lost in the middle of a run. The multi-node scenarios run in
+their own process on their own `ray.cluster_utils.Cluster` (tests/multinode.py), so a run that hangs
+fails here by timeout instead of hanging the suite, and the session's Ray is never touched. The
+cases that need no second node (a replacement the cluster can never place) run on the session's
+cluster, with replacements that ask for a resource no node has."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from meerkat_ray.config import load_config
+from meerkat_ray.runlog import load_theta, read_metrics, read_path
+from meerkat_ray.runner import FAULT_COUNTERS, run_experiment
+
+HERE = Path(__file__).resolve().parent
+RUN = ["model.name=tiny-llama", "data.task=tweets2", "data.max_length=32", "data.num_test=32",
+       "mask.calib_num_seqs=2", "mask.calib_seq_len=32", "mask.cache=false", "mask.density=0.01",
+       "data.num_train=96", "data.num_clients=4", "data.partition=mixed", "data.batch_size=4", "zo.lr=1e-2",
+       "fed.rounds=4", "fed.local_steps=2", "fed.eval_every=2", "vp.calib_steps=2", "vp.rho=1e-6", "vp.sigma=1e6",
+       "vp.min_quiet_fraction=0"]
+
+
+@pytest.fixture(scope="module")
+def calm(tmp_path_factory) -> Path:
+    """The fault-free reference: the same federation without Ray."""
+    root = tmp_path_factory.mktemp("calm")
+    run_experiment(load_config(None, [*RUN, "ray.backend=local", "model.num_threads=1", "name=calm",
+                                      f"output_dir={root}"]), progress=False)
+    return root / "calm"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert torch.equal(load_theta(a / "sparse_final.safetensors"), load_theta(b / "sparse_final.safetensors"))
+    assert read_path(a).equals(read_path(b))
+    assert timeless(a) == timeless(b)
+
+
+def scenario(name: str, out: Path, *overrides: str, timeout_s: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(HERE / "multinode.py"), name, str(out), *overrides],
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def timeless(run: Path) -> list[dict]:
+    drop = set(FAULT_COUNTERS)
+    return [{k: v for k, v in m.items() if not k.endswith("_s") and k not in drop} for m in read_metrics(run)]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_lost_node_shrinks_the_pool_restores_the_server_and_the_pool_regrows(calm, tmp_path):
+    """The server's node dies mid-round with one of the two client actors: the round finishes on the
+    actor left (its replacement cannot be placed, so it holds no work), the server is rebuilt on the
+    other node from the last checkpoint, and when a node joins the replacement becomes the second
+    actor again. The run ends exactly as a fault-free one without Ray."""
+    proc = scenario("lost-node", tmp_path, *RUN, "ray.backend=ray", "ray.num_actors=2", "ray.gpus_per_client=1",
+                    "ray.cpus_per_client=1", "ray.actor_start_timeout_s=60")
+    multi = tmp_path / "multi"
+    assert_same_run(calm, multi)
+
+    events = json.loads((tmp_path / "events.json").read_text())
+    assert events["killed"]["round"] == 2 and events["killed"]["client_actors_there"] == 1
+    assert events["server_node_after"] != events["killed"]["node"]
+    assert events["pool"] == {"1": 2, "2": 1, "3": 2, "4": 2}  # shrunk in round 2, grown back in round 3
+    assert events["starting_after_loss"] == 1 and events["replacements_up"] == 1
+    counts = {m["round"]: {k: m[k] for k in FAULT_COUNTERS} for m in read_metrics(multi)[1:]}
+    assert counts[1] == dict.fromkeys(FAULT_COUNTERS, 0)
+    assert counts[2]["pool_shrinks"] == 1 and counts[2]["actor_restarts"] == 1 and counts[2]["server_restarts"] == 1
+    assert counts[2]["retries"] >= 1 and counts[2]["pool_regrowths"] == 0
+    assert counts[3]["pool_regrowths"] == 1 and counts[3]["pool_shrinks"] == 0
+    assert f"the server actor was lost with node {events['killed']['node'][:12]}" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- on the session's cluster
+
+UNPLACEABLE = {"resources": {"no-such-node": 1}}  # what a replacement asks for when no node can take it
+RAY = [*RUN, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5"]
+
+
+def lose_in_round(monkeypatch, victims: dict) -> None:
+    """`victims[r](executor)` is killed right after the first client result of round r."""
+    import ray
+
+    from meerkat_ray.federation import RayExecutor
+
+    real = RayExecutor.run_clients
+    done = []
+
+    def run_clients(self, plans, on_result=None):
+        def after(result):
+            if on_result:
+                on_result(result)
+            if result.round in victims and result.round not in done:
+                done.append(result.round)
+                ray.kill(victims[result.round](self), no_restart=True)
+        return real(self, plans, after)
+
+    monkeypatch.setattr(RayExecutor, "run_clients", run_clients)
+
+
+@pytest.mark.ray
+def test_unplaceable_replacements_a_client_is_left_out_the_server_stops_the_run_with_resume(
+        ray_cluster, calm, tmp_path, monkeypatch):
+    """Replacements ask for a resource no node has. One of two client actors dies in round 2: the
+    run does not wait for its replacement and finishes the round on the actor left. The server
+    actor dies in round 3: the run stops within ray.actor_start_timeout_s with an error naming the
+    node, the round and `run --resume`. The resumed run ends bit for bit as the fault-free one, the
+    shrunk round 2 included (kept from before the stop)."""
+    from meerkat_ray.cli import main
+    from meerkat_ray.errors import MeerkatError
+    from meerkat_ray.federation import ClientActor, RayExecutor, ServerActor
+
+    real_new, real_new_server = RayExecutor._new_actor, RayExecutor.new_server_actor
+
+    def new_actor(self, slot):
+        if len(self.slot_of) < self.cfg.ray.num_actors and not self.counts["actor_restarts"]:  # at set-up
+            return real_new(self, slot)
+        actor = ClientActor.options(num_cpus=0.5, **UNPLACEABLE).remote(self.cfg, self.data_ref, f"client-actor-{slot}")
+        self.slot_of[id(actor)] = slot
+        return actor
+
+    def new_server_actor(self):
+        if self.server is None:
+            return real_new_server(self)
+        return ServerActor.options(num_cpus=0.25, **UNPLACEABLE).remote()
+
+    monkeypatch.setattr(RayExecutor, "_new_actor", new_actor)
+    monkeypatch.setattr(RayExecutor, "new_server_actor", new_server_actor)
+    lose_in_round(monkeypatch, {2: lambda ex: ex.actors[0], 3: lambda ex: ex.server.actor})
+    cfg = load_config(None, [*RAY, "ray.actor_start_timeout_s=2", "name=lost", f"output_dir={tmp_path}"])
+    with pytest.raises(MeerkatError) as err:
+        run_experiment(cfg, progress=False)
+    message = str(err.value)
+    node = ray_cluster.get_runtime_context().get_node_id()
+    for part in ("round 3", f"node {node[:12]}", "ray.actor_start_timeout_s", "checkpoint of round 2",
+                 f"meerkat-ray run --resume {cfg.run_dir}"):
+        assert part in message, (part, message)
+    rounds = read_metrics(cfg.run_dir)[1:]
+    assert [m["round"] for m in rounds] == [1, 2]
+    assert rounds[1]["pool_shrinks"] == 1 and rounds[1]["actor_restarts"] == 1 and rounds[1]["retries"] >= 1
+    assert rounds[1]["pool_regrowths"] == 0
+
+    monkeypatch.undo()
+    assert main(["run", "--resume", str(cfg.run_dir), "--quiet"]) == 0
+    assert_same_run(calm, cfg.run_dir)
+    assert ray_cluster.is_initialized()
