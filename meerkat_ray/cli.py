@@ -103,7 +103,8 @@ def cmd_tune(args) -> int:
 
     table = run_sweep(sweep, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     failed = int((table["status"] == "error").sum())
-    unfinished = int((table["status"] == "stopped").sum()) if sweep.tune.scheduler == "none" else 0
+    unfinished = int((table["status"] == "stopped").sum()) if sweep.tune.scheduler != "asha" else 0
+    unfinished += max(0, sweep.expected_trials - len(table))  # a search interrupted before proposing them all
     if failed:
         print(f"error: {failed} of {len(table)} trials failed (their error.txt is in {sweep.folder / 'tune'}/<trial>/)",
               file=sys.stderr)

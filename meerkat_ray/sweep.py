@@ -1,22 +1,35 @@
-"""A sweep file: a base experiment config, a grid over dotted keys, and Tune settings.
+"""A sweep file: a base experiment config, a grid over dotted keys, a search space, Tune settings.
 
     base:                      # any experiment config, exactly as for `meerkat-ray run`
       model: {name: tiny-llama}
     grid:                      # dotted key -> list of values; trials = the cross product
       mask.density: [1.0e-3, 1.0e-4]
-      fed.local_steps: [1, 10]
+    space:                     # dotted key -> one distribution, sampled by tune.search (random | optuna)
+      zo.lr: {loguniform: [1.0e-5, 1.0e-2]}
+      fed.local_steps: {randint: [1, 11]}      # [low, high): high excluded, as in Ray Tune
     tune:                      # see TuneSettings
+      search: random
+      num_samples: 8           # random: samples per grid point; optuna: trials in all
       metric: accuracy
 
+Distributions (SPACE): uniform [low, high], loguniform [low, high] (low > 0), randint [low, high)
+(integers), choice [v1, v2, ...], quniform [low, high, q] and qloguniform [low, high, q] (multiples
+of q; low and high multiples of q too). `grid:` and `space:` mix under tune.search=random (every
+grid point gets num_samples sampled points); tune.search=optuna samples `space:` only (TPE proposes
+every key: write a fixed set of values as `choice`).
+
 Command-line overrides: `tune.K=V` sets a Tune setting, `grid.K=[...]` replaces (or adds) an axis,
-`base.K=V` or plain `K=V` sets a base key. Everything, including every grid point as a full
-experiment config, is validated before Ray starts. Pure Python: no Ray, no model.
+`space.K={DIST: [...]}` replaces (or adds) a sampled key, `base.K=V` or plain `K=V` sets a base
+key. Everything is validated before Ray starts: every grid point as a full experiment config, and
+every distribution's bounds (each corner of the space, at every grid point) the same way. Pure
+Python: no Ray, no model.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +37,15 @@ from typing import Any
 from .config import Config, _build, _field_types, from_dict, get_key, parse_override, read_yaml, set_dotted
 from .errors import ConfigError
 
-SECTIONS = ("base", "grid", "tune")
+SECTIONS = ("base", "grid", "space", "tune")
 METRICS = ("accuracy", "best_accuracy", "test_loss", "train_loss")  # reported every round
 # Keys a trial does not own: run folders are placed by the sweep, the cluster is the sweep's.
 NOT_GRIDDABLE = ("name", "output_dir", "ray.address", "ray.num_gpus", "ray.dashboard_host")
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULERS = ("none", "fifo", "asha")  # none = fifo: every trial runs to its last round
+# distribution -> number of numbers it takes ([low, high] or [low, high, q]); choice takes a list
+DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "randint": 2, "quniform": 3, "qloguniform": 3, "choice": None}
+LOG_DISTRIBUTIONS = ("loguniform", "qloguniform")
 
 
 @dataclass
@@ -38,16 +56,24 @@ class ASHASettings:
 
 
 @dataclass
+class OptunaSettings:
+    n_startup_trials: int = 4      # trials sampled at random before TPE starts modelling (Optuna's default: 10)
+
+
+@dataclass
 class TuneSettings:
     name: str = ""                 # sweep folder name under output_dir ("" = the sweep file's name)
     output_dir: str = "sweeps"     # parent folder of sweep folders
     metric: str = "accuracy"       # accuracy | best_accuracy | test_loss | train_loss
     mode: str = "max"              # max | min
-    num_samples: int = 1           # repeats of the whole grid (grid over `seed` for different draws)
-    max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
-    scheduler: str = "none"        # none | asha (stop weak trials early, at rungs of rounds)
+    search: str = "grid"           # grid (every grid point) | random (sample space:) | optuna (TPE over space:)
+    seed: int = 0                  # seed of the search: the same sweep file samples the same points
+    num_samples: int = 1           # grid: repeats of the grid; random: samples per grid point; optuna: trials in all
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow (optuna: set it, TPE learns from finished trials only)
+    scheduler: str = "none"        # none = fifo (every trial runs all rounds) | asha (stop weak trials early, at rungs of rounds)
     max_failures: int = 2          # a failed trial is retried this many times, from its last round's checkpoint
     asha: ASHASettings = field(default_factory=ASHASettings)
+    optuna: OptunaSettings = field(default_factory=OptunaSettings)
 
 
 @dataclass
@@ -56,16 +82,33 @@ class Sweep:
     base: dict                             # experiment config mapping (validated)
     grid: dict[str, list]                  # dotted key -> values, in file order
     tune: TuneSettings
+    space: dict[str, dict] = field(default_factory=dict)  # dotted key -> {distribution: arguments}
     points: list[dict] = field(default_factory=list)    # every grid point: dotted key -> value
     configs: list[Config] = field(default_factory=list)  # the validated experiment config of each point
+    corners: list[Config] = field(default_factory=list)  # configs at the space's bounds (checked, sized for)
 
     @property
     def folder(self) -> Path:
         return Path(self.tune.output_dir).expanduser().resolve() / self.tune.name
 
+    @property
+    def searched(self) -> bool:
+        return bool(self.space)
+
+    @property
+    def expected_trials(self) -> int:
+        """Trials a finished sweep has: optuna proposes num_samples in all; grid and random run
+        num_samples per grid point."""
+        if self.tune.search == "optuna":
+            return self.tune.num_samples
+        return len(self.points) * self.tune.num_samples
+
     def spec(self) -> dict:
         """What defines the sweep's trials (stored in the sweep folder, compared on --resume)."""
-        return {"base": self.base, "grid": self.grid}
+        t = self.tune
+        return {"base": self.base, "grid": self.grid, "space": self.space,
+                "search": {"search": t.search, "seed": t.seed, "num_samples": t.num_samples, "metric": t.metric,
+                           "mode": t.mode, "n_startup_trials": t.optuna.n_startup_trials}}
 
 
 def point_config(base: dict, point: dict) -> Config:
@@ -82,28 +125,144 @@ def point_tag(point: dict) -> str:
     return "_".join(f"{n}={v:g}" if isinstance(v, float) else f"{n}={v}" for n, v in zip(names, point.values()))
 
 
-def _leaf_keys(cls=Config, prefix: str = "") -> set[str]:
-    keys = set()
-    for name, typ in _field_types(cls).items():
-        if dataclasses.is_dataclass(typ):
-            keys |= _leaf_keys(typ, f"{prefix}{name}.")
-        else:
-            keys.add(f"{prefix}{name}")
-    return keys
-
-
 def _check_grid(grid: Any) -> dict[str, list]:
     if not isinstance(grid, dict):
         raise ConfigError(f"grid: expected a mapping of dotted keys to lists, got {type(grid).__name__}")
-    leaves = _leaf_keys()
     for key, values in grid.items():
-        if key not in leaves:
-            raise ConfigError(f"grid.{key}: unknown config key")
-        if key in NOT_GRIDDABLE:
-            raise ConfigError(f"grid.{key}: set by the sweep, not per trial (not in a grid: {', '.join(NOT_GRIDDABLE)})")
+        _check_key("grid", key)
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
     return grid
+
+
+def _check_key(section: str, key: Any) -> None:
+    if not isinstance(key, str) or key not in _leaf_types():
+        raise ConfigError(f"{section}.{key}: unknown config key")
+    if key in NOT_GRIDDABLE or key.startswith("tracking."):
+        raise ConfigError(f"{section}.{key}: set by the sweep, not per trial (not in a {section}: "
+                          f"{', '.join(NOT_GRIDDABLE)}, tracking.*)")
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 (PyYAML) reads `1e-4` as a string
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return value
+
+
+def _multiple(value: float, q: float) -> bool:
+    ratio = value / q
+    return math.isclose(ratio, round(ratio), rel_tol=1e-9, abs_tol=1e-9)
+
+
+def _check_distribution(key: str, spec: Any, typ: Any) -> dict:
+    """One `space:` entry -> {name: arguments} with numbers as numbers (bounds are checked later
+    against the config itself)."""
+    where = f"space.{key}"
+    names = ", ".join(DISTRIBUTIONS)
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where}: expected one distribution, e.g. {{loguniform: [1.0e-5, 1.0e-2]}} ({names}), "
+                          f"got {spec!r}")
+    (name, args), = spec.items()
+    if name not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: unknown distribution {name!r} (one of {names})")
+    if name == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: choice takes a non-empty list of values, got {args!r}")
+        return {name: args}
+    count = DISTRIBUTIONS[name]
+    shape = "[low, high]" if count == 2 else "[low, high, q]"
+    if not isinstance(args, list) or len(args) != count:
+        raise ConfigError(f"{where}: {name} takes {shape}, got {args!r}")
+    numbers = [_number(f"{where}.{name}", v) for v in args]
+    low, high = numbers[:2]
+    if typ is int and name != "randint" and name != "choice":
+        raise ConfigError(f"{where}: {key} is an integer key; {name} draws floats (use randint or choice)")
+    if typ not in (int, float):
+        raise ConfigError(f"{where}: {key} is not a number; only choice applies to it")
+    if not low < high:
+        raise ConfigError(f"{where}: {name} needs low < high, got {args!r}")
+    if name in LOG_DISTRIBUTIONS and low <= 0:
+        raise ConfigError(f"{where}: {name} needs low > 0 (a log scale), got {args!r}")
+    if name == "randint" and not all(isinstance(v, int) for v in numbers):
+        raise ConfigError(f"{where}: randint takes integer bounds [low, high), got {args!r}")
+    if count == 3:
+        q = numbers[2]
+        if q <= 0:
+            raise ConfigError(f"{where}: {name} needs q > 0, got {args!r}")
+        if not (_multiple(low, q) and _multiple(high, q)):
+            raise ConfigError(f"{where}: {name} needs low and high to be multiples of q, got {args!r}")
+    return {name: numbers}
+
+
+def bounds(spec: dict) -> list:
+    """The extreme values a distribution can give (every value of a choice)."""
+    (name, args), = spec.items()
+    if name == "choice":
+        return list(args)
+    if name == "randint":
+        return [args[0], args[1] - 1]  # high is excluded
+    return [args[0], args[1]]
+
+
+def _check_space(space: Any, grid: dict) -> dict[str, dict]:
+    if not isinstance(space, dict):
+        raise ConfigError(f"space: expected a mapping of dotted keys to distributions, got {type(space).__name__}")
+    types = _leaf_types()
+    checked = {}
+    for key, spec in space.items():
+        _check_key("space", key)
+        if key in grid:
+            raise ConfigError(f"space.{key}: also a grid axis (a key is either a grid axis or sampled)")
+        checked[key] = _check_distribution(key, spec, types[key])
+    return checked
+
+
+def _leaf_types(cls=Config, prefix: str = "") -> dict[str, Any]:
+    types = {}
+    for name, typ in _field_types(cls).items():
+        if dataclasses.is_dataclass(typ):
+            types |= _leaf_types(typ, f"{prefix}{name}.")
+        else:
+            types[f"{prefix}{name}"] = typ
+    return types
+
+
+def _check_search(settings: TuneSettings, grid: dict, space: dict) -> None:
+    if settings.search == "grid" and space:
+        raise ConfigError(f"space.{next(iter(space))}: sampled keys need tune.search=random or optuna "
+                          "(tune.search=grid runs the grid only)")
+    if settings.search == "optuna":
+        if not space:
+            raise ConfigError("tune.search: optuna needs a space: section (the keys TPE proposes)")
+        if grid:
+            raise ConfigError(f"grid.{next(iter(grid))}: tune.search=optuna proposes every key itself; write the "
+                              "values as space: {KEY: {choice: [...]}} (or use tune.search=random, which mixes both)")
+        for key, spec in space.items():
+            if "qloguniform" in spec:  # Ray's OptunaSearch would drop the quantization silently
+                raise ConfigError(f"space.{key}: qloguniform is not supported by tune.search=optuna "
+                                  "(use loguniform, quniform or tune.search=random)")
+
+
+def _corner_configs(base: dict, points: list[dict], space: dict[str, dict]) -> list[Config]:
+    """A config at every corner of the space (each key at each of its extreme values), at every
+    grid point: a bound the config refuses is an error now, not a failed trial later."""
+    configs = []
+    keys = list(space)
+    for point in points:
+        for values in itertools.product(*(bounds(space[k]) for k in keys)):
+            corner = {**point, **dict(zip(keys, values))}
+            try:
+                configs.append(point_config(base, corner))
+            except ConfigError as exc:
+                named = str(exc).split(":", 1)[0] in space  # the refused value is a bound of that key
+                raise ConfigError(f"space{'.' if named else ': '}{exc} (at {point_tag(corner)}, a bound of the "
+                                  "space)") from None
+    return configs
 
 
 def _check_tune(data: Any, source: Path) -> TuneSettings:
@@ -115,7 +274,10 @@ def _check_tune(data: Any, source: Path) -> TuneSettings:
     checks = [
         ("tune.metric", settings.metric in METRICS, f"one of {', '.join(METRICS)}", settings.metric),
         ("tune.mode", settings.mode in ("max", "min"), "max or min", settings.mode),
-        ("tune.scheduler", settings.scheduler in ("none", "asha"), "none or asha", settings.scheduler),
+        ("tune.scheduler", settings.scheduler in SCHEDULERS, " | ".join(SCHEDULERS), settings.scheduler),
+        ("tune.search", settings.search in SEARCHES, " | ".join(SEARCHES), settings.search),
+        ("tune.seed", settings.seed >= 0, ">= 0", settings.seed),
+        ("tune.optuna.n_startup_trials", settings.optuna.n_startup_trials >= 1, ">= 1", settings.optuna.n_startup_trials),
         ("tune.num_samples", settings.num_samples >= 1, ">= 1", settings.num_samples),
         ("tune.max_concurrent_trials", settings.max_concurrent_trials >= 0, ">= 0", settings.max_concurrent_trials),
         ("tune.max_failures", settings.max_failures >= 0, ">= 0", settings.max_failures),
@@ -138,6 +300,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path}: unknown section {unknown[0]!r} (a sweep has {', '.join(SECTIONS)})")
     base = data.get("base") or {}
     grid = data.get("grid") or {}
+    space = data.get("space") or {}
     tune = data.get("tune") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"base: expected a mapping (an experiment config), got {type(base).__name__}")
@@ -148,6 +311,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         section, _, rest = key.partition(".")
         if section == "grid" and rest:
             grid = {**grid, rest: value} if isinstance(grid, dict) else grid
+        elif section == "space" and rest:
+            space = {**space, rest: value} if isinstance(space, dict) else space
         elif section == "tune" and rest:
             set_dotted(tune, rest, value)
         else:
@@ -160,7 +325,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     except ConfigError as exc:
         raise ConfigError(f"base.{exc}") from None
     grid = _check_grid(grid)
-    sweep = Sweep(source=str(path), base=base, grid=grid, tune=_check_tune(tune, path))
+    space = _check_space(space, grid)
+    sweep = Sweep(source=str(path), base=base, grid=grid, tune=_check_tune(tune, path), space=space)
+    _check_search(sweep.tune, grid, space)
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
         try:
@@ -173,4 +340,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for key, values in grid.items():
         if len(sweep.grid[key]) != len(values):
             raise ConfigError(f"grid.{key}: the same value twice in {values!r}")
+    sweep.corners = _corner_configs(base, sweep.points, space)
+    for key, spec in space.items():  # choices typed as the config reads them ("1e-4" -> 0.0001)
+        if "choice" in spec:
+            typed = [get_key(point_config(base, {**sweep.points[0], key: v}), key) for v in spec["choice"]]
+            if len(set(map(repr, typed))) != len(typed):
+                raise ConfigError(f"space.{key}: the same value twice in {spec['choice']!r}")
+            space[key] = {"choice": typed}
     return sweep

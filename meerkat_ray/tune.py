@@ -2,7 +2,10 @@
 
 Each trial is one federation (`runner.run_experiment`) inside its own placement group, laid out by
 `federation.trial_bundles`: the trial's driver, its server actor and its client actors (with
-ray.backend=local, one bundle in which the trial runs its clients itself). After every round the
+ray.backend=local, one bundle in which the trial runs its clients itself). Trials come from the
+grid (Tune's grid_search), from Tune's seeded random sampling of `space:` (tune.search=random, mixed
+with the grid) or from Optuna's TPE through Tune's OptunaSearch (tune.search=optuna); Tune keeps
+the searcher's state in the experiment folder, so `--resume` continues the same search. After every round the
 trial reports its metrics and checkpoints its state (`checkpoint.RunCheckpoint`: counters, VPCS
 state and the n masked values); `--resume` restores an interrupted sweep and continues every
 unfinished trial after its last checkpointed round.
@@ -12,7 +15,8 @@ Sweep folder (<tune.output_dir>/<tune.name>/):
     runs/<trial>/                   each trial's run folder (config.yaml, metrics.jsonl, path.parquet, ...)
     tune/                           Ray Tune's experiment: per trial progress.csv, result.json,
                                     TensorBoard event files and checkpoints (`tensorboard --logdir tune`)
-    results.parquet, results.csv    one row per trial: grid values, final / best accuracy, bytes, flagged clients
+    results.parquet, results.csv    one row per trial: grid and sampled values, final / best accuracy, bytes,
+                                    flagged clients
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from .checkpoint import RunCheckpoint
 from .config import Config, set_dotted
@@ -118,9 +123,10 @@ def trial_dirname(trial) -> str:
 # ----------------------------------------------------------------------------- the sweep
 
 def preflight(sweep: Sweep) -> None:
-    """Model names and data of every grid point, checked before Ray starts (no model is loaded)."""
+    """Model names and data of every grid point and space corner, checked before Ray starts (no
+    model is loaded)."""
     checked = set()
-    for cfg in sweep.configs:
+    for cfg in [*sweep.configs, *sweep.corners]:
         for key, check in ((cfg.model.name, check_model), ((cfg.seed, repr(cfg.data)), prepare_data)):
             if key not in checked:
                 checked.add(key)
@@ -133,8 +139,10 @@ def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
         if not tune.Tuner.can_restore(str(folder / EXPERIMENT)):
             raise MeerkatError(f"{folder}: no interrupted sweep to resume there")
         stored = yaml.safe_load((folder / "sweep.yaml").read_text())
-        if {"base": stored["base"], "grid": stored["grid"]} != sweep.spec():
-            raise MeerkatError(f"{folder / 'sweep.yaml'}: base or grid differ from the sweep being resumed")
+        spec = sweep.spec()
+        differ = [key for key in spec if stored.get(key, spec[key] if key == "search" else {}) != spec[key]]
+        if differ:
+            raise MeerkatError(f"{folder / 'sweep.yaml'}: {' and '.join(differ)} differ from the sweep being resumed")
         return folder
     if folder.exists():
         if not overwrite:
@@ -146,8 +154,11 @@ def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
     return folder
 
 
-def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_fn=run_trial) -> tune.Tuner:
-    """`trial_fn(params, base, runs_dir)` is the trainable (`run_trial`; tests wrap it to inject faults)."""
+def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_fn=run_trial,
+               callbacks=(), reuse_actors: bool = False) -> tune.Tuner:
+    """`trial_fn(params, base, runs_dir)` is the trainable (`run_trial`; tests wrap it to inject faults);
+    `callbacks` are Tune callbacks of a new sweep (tests interrupt a sweep with one); `reuse_actors`
+    lets a trial start in the process a finished one ran in (tests of stand-in trials)."""
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base=sweep.base, runs_dir=str(folder / "runs")),
         resources=functools.partial(trial_resources, sweep.base))
@@ -157,33 +168,65 @@ def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_f
     t = sweep.tune
     scheduler = None
     if t.scheduler == "asha":
-        max_t = t.asha.max_t or max(cfg.fed.rounds for cfg in sweep.configs)
+        max_t = t.asha.max_t or max(cfg.fed.rounds for cfg in [*sweep.configs, *sweep.corners])
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=t.asha.grace_period,
                                   reduction_factor=t.asha.reduction_factor)
+    search_alg, max_concurrent = searcher(sweep)
     return tune.Tuner(
         trainable,
-        param_space={key: tune.grid_search(values) for key, values in sweep.grid.items()},
-        tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                                    max_concurrent_trials=t.max_concurrent_trials or None, scheduler=scheduler,
-                                    trial_dirname_creator=trial_dirname),
+        param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, search_alg=search_alg,
+                                    max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                                    trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder), verbose=1 if progress else 0,
+                                  callbacks=list(callbacks) or None,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   # a failed trial restarts from its latest checkpoint (run_trial resumes it)
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures)),
     )
 
 
+DOMAINS = {  # space: distribution -> Ray Tune's sampler
+    "uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
+    "quniform": tune.quniform, "qloguniform": tune.qloguniform, "choice": tune.choice,
+}
+
+
+def param_space(sweep: Sweep) -> dict:
+    space = {key: tune.grid_search(values) for key, values in sweep.grid.items()}
+    for key, spec in sweep.space.items():
+        (name, args), = spec.items()
+        space[key] = DOMAINS[name](args) if name == "choice" else DOMAINS[name](*args)
+    return space
+
+
+def searcher(sweep: Sweep):
+    """(search_alg, max_concurrent_trials for TuneConfig): Tune's own seeded variant generator for
+    grid and random search, Optuna's TPE (seeded sampler) behind Tune's OptunaSearch and, when
+    tune.max_concurrent_trials is set, Tune's ConcurrencyLimiter."""
+    t = sweep.tune
+    if t.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.optuna.n_startup_trials)
+        return OptunaSearch(sampler=sampler), t.max_concurrent_trials or None
+    return BasicVariantGenerator(max_concurrent=t.max_concurrent_trials, random_state=t.seed), None
+
+
 def results_table(sweep: Sweep, results) -> pd.DataFrame:
-    """One row per trial: its grid values, how far it got, accuracy, bytes and flagged clients."""
+    """One row per trial: its grid and sampled values, how far it got, accuracy, bytes and flagged clients."""
     rows = []
     for result in results:
         m = result.metrics or {}
-        point = {key: result.config.get(key) for key in sweep.grid}
+        point = {key: result.config.get(key) for key in [*sweep.grid, *sweep.space]}
         rounds = point_config(sweep.base, point).fed.rounds
         done = int(m.get("round", 0))
         up, down = m.get("uplink_bytes"), m.get("downlink_bytes")
         rows.append({
             "trial_id": m.get("trial_id") or Path(result.path).name,
+            "trial_index": proposal_index(m),
             **point,
             "status": "error" if result.error else ("done" if done >= rounds else "stopped"),
             "rounds_done": done,
@@ -199,7 +242,14 @@ def results_table(sweep: Sweep, results) -> pd.DataFrame:
             **flagging(m.get("run_dir")),
             "run_dir": m.get("run_dir"),
         })
-    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+    return pd.DataFrame(rows).sort_values(["trial_index", "trial_id"], ignore_index=True)
+
+
+def proposal_index(metrics: dict) -> int:
+    """The order in which the search proposed the trial: Tune's trial counter, the number its
+    experiment tag starts with (-1 when the trial never reported)."""
+    head = str(metrics.get("experiment_tag", "")).split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
 
 
 def flagging(run_dir: str | None) -> dict:
@@ -220,7 +270,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, progr
     """Run (or resume) a validated sweep; returns the results table also written to the sweep folder."""
     preflight(sweep)
     folder = open_sweep_folder(sweep, resume, overwrite)
-    demand = [federation_demand(cfg) for cfg in sweep.configs]
+    demand = [federation_demand(cfg) for cfg in [*sweep.configs, *sweep.corners]]
     connect(sweep.configs[0].ray, max(c for c, _ in demand), max(g for _, g in demand), progress=progress)
     try:
         results = make_tuner(sweep, folder, resume, progress).fit()
