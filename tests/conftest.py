@@ -21,6 +21,7 @@ atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,6 +29,14 @@ import torch  # noqa: E402
 # Tiny-model forwards gain nothing from a second thread, and on a shared 2-core machine OpenMP's
 # spin-waiting makes them ~20x slower under load (measured: 9 ms with 1 thread, 217 ms with 2).
 torch.set_num_threads(1)
+
+# A federation of a few seconds on the tiny model; tests add clients, rounds, steps and backend.
+TINY_RUN = ["model.name=tiny-llama", "model.num_threads=1", "data.task=tweets2", "data.max_length=32",
+            "data.num_test=32", "mask.calib_num_seqs=2", "mask.calib_seq_len=32", "mask.cache=false",
+            "mask.density=0.01", "data.batch_size=4", "zo.lr=1e-2"]
+# VPCS thresholds that flag every client at the decision: rho_later > 1e-6 always holds, every
+# late step is "quiet" below 1e6 x the population reference, and any quiet fraction > 0 will do.
+FLAG_ALL = ["vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0"]
 
 TINY_SEED = 0                          # seed of the tiny model every core test uses
 TINY_LABEL_WORDS = (" terrible", " great")  # a 2-class verbalizer (distinct first tokens)
@@ -136,3 +145,24 @@ def no_model_or_cluster(monkeypatch):
         monkeypatch.setattr(transformers.AutoModelForCausalLM, name, entered(f"AutoModelForCausalLM.{name}"))
     monkeypatch.setattr(ray, "init", entered("ray.init"))
     yield
+
+
+# ----------------------------------------------------------------------------- comparing run folders
+
+def timeless(run_dir) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (`*_s`): what two equal runs share exactly."""
+    from meerkat_ray.runlog import read_metrics
+
+    return [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(run_dir)]
+
+
+def assert_same_run(a, b, ignore=()) -> None:
+    """Two run folders ended bit for bit alike: sparse_final, path.parquet and every metric (but
+    times and the keys in `ignore`)."""
+    from meerkat_ray.runlog import load_theta, read_path
+
+    a, b = Path(a), Path(b)
+    assert torch.equal(load_theta(a / "sparse_final.safetensors"), load_theta(b / "sparse_final.safetensors"))
+    assert read_path(a).equals(read_path(b))
+    drop = lambda rows: [{k: v for k, v in m.items() if k not in ignore} for m in rows]  # noqa: E731
+    assert drop(timeless(a)) == drop(timeless(b))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import FLAG_ALL  # VPCS flags every client
 
 from meerkat_ray.cli import main
 from meerkat_ray.config import load_config
@@ -29,7 +30,6 @@ TINY = [  # a federation of a few seconds: tiny model, 4 clients of which 2 sing
     "mask.calib_num_seqs=2", "mask.calib_seq_len=24", "mask.calib_batch_size=2", f"fed.rounds={ROUNDS}",
     f"fed.local_steps={T}", "fed.eval_every=1", "zo.lr=1e-2", "vp.enabled=true", f"vp.calib_steps={2 * T}",
 ]
-FLAG_ALL = ["vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0"]  # VPCS flags every client
 GRID = {"fed.local_steps": [1, 2], "vp.sigma": [0.5, 1e6]}  # the tiny sweep: 2 x 2
 
 

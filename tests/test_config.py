@@ -177,6 +177,7 @@ def assert_one_error_line(proc, *names):
     assert proc.imported == [], proc.imported
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, name", [
     (["fed.roundz=3"], "fed.roundz"),
     (["mask.density=1.5"], "mask.density"),
@@ -196,6 +197,7 @@ def test_cli_bad_input_exits_2_with_one_error_line_and_no_run_folder(tmp_path, a
     assert not (tmp_path / "runs").exists() and not (tmp_path / "meerkat-vp-demo").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], ["frobnicate"], ["run", "--no-such-flag"], ["export", "only-one"]])
 def test_cli_usage_errors_are_one_line_too(tmp_path, args):
     assert_one_error_line(cli(*args, cwd=tmp_path))
@@ -243,6 +245,7 @@ def fixture_data(tmp_path) -> list[str]:
             f"output_dir={tmp_path / 'runs'}", "name=exp", "vp.enabled=false"]
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_existing_run_folder_and_leaves_it_untouched(tmp_path):
     run_dir = tmp_path / "runs" / "exp"
     run_dir.mkdir(parents=True)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import FLAG_ALL
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -28,9 +29,7 @@ COMMON = [
     "data.partition=mixed", "data.extreme_fraction=0.5", "data.batch_size=4", "data.max_length=32",
     "mask.density=0.01", "mask.calib_num_seqs=4", "mask.calib_seq_len=32", "mask.calib_batch_size=2",
     f"fed.rounds={ROUNDS}", f"fed.local_steps={T}", "fed.eval_every=2", "zo.lr=1e-2",
-    # VPCS forced to flag every client after the first round: rho_later > 1e-6 always holds, every
-    # step is "quiet" below 1e6 x the population reference, and any quiet fraction > 0 will do.
-    "vp.enabled=true", f"vp.calib_steps={T}", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0",
+    "vp.enabled=true", f"vp.calib_steps={T}", *FLAG_ALL,  # VPCS flags every client after the first round
 ]
 RUNS = {  # name -> extra overrides
     "round": ["fed.seed_sharing=round"],

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FLAG_ALL, TINY_RUN, assert_same_run
 
 from meerkat_ray.cli import main
 from meerkat_ray.client import ClientWorker
@@ -27,20 +28,7 @@ from meerkat_ray.runlog import load_theta, read_metrics, read_path
 from meerkat_ray.runner import FAULT_COUNTERS, run_experiment
 from meerkat_ray.server import Server
 
-TINY = ["model.name=tiny-llama", "model.num_threads=1", "data.task=tweets2", "data.max_length=32",
-        "data.num_test=32", "mask.calib_num_seqs=2", "mask.calib_seq_len=32", "mask.cache=false",
-        "mask.density=0.01", "data.batch_size=4", "zo.lr=1e-2"]
-
-
-def timeless(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(run_dir)]
-
-
-def assert_same_run(a: Path, b: Path, ignore=()) -> None:
-    assert torch.equal(load_theta(a / "sparse_final.safetensors"), load_theta(b / "sparse_final.safetensors"))
-    assert read_path(a).equals(read_path(b))
-    drop = lambda rows: [{k: v for k, v in m.items() if k not in ignore} for m in rows]  # noqa: E731
-    assert drop(timeless(a)) == drop(timeless(b))
+TINY = TINY_RUN
 
 
 # ----------------------------------------------------------------------------- robust aggregation
@@ -130,6 +118,7 @@ def apply_contract_terms(init: torch.Tensor, coefs: dict) -> torch.Tensor:
     return theta
 
 
+@pytest.mark.slow
 def test_a_malicious_client_is_outvoted_by_the_median_but_wrecks_the_mean(monkeypatch, tmp_path):
     """Client 0 sends its scalars times 1e6 (finite, so not rejected). Reference: the same
     federation with the attacker's results refused (it sends NaN) - the honest-only result."""
@@ -185,6 +174,7 @@ def test_a_malicious_client_is_outvoted_by_the_median_but_wrecks_the_mean(monkey
                        theta["trimmed"])
 
 
+@pytest.mark.slow
 def test_clipped_scalars_reach_the_path_and_replay(tmp_path):
     run_experiment(load_config(None, [*ROBUST, "zo.clip=0.05", "name=clip", f"output_dir={tmp_path}"]),
                    progress=False)
@@ -198,7 +188,7 @@ def test_clipped_scalars_reach_the_path_and_replay(tmp_path):
 # ----------------------------------------------------------------------------- dead client actors
 
 CHAOS = TINY + ["data.num_train=120", "data.num_clients=5", "data.partition=mixed", "fed.rounds=2",
-                "fed.local_steps=3", "vp.calib_steps=3", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0"]
+                "fed.local_steps=3", "vp.calib_steps=3", *FLAG_ALL]
 KILL_PROB = 0.3
 
 
@@ -228,6 +218,7 @@ RESUMABLE = TINY + ["data.num_train=96", "data.num_clients=3", "data.partition=m
                     "fed.local_steps=2", "fed.eval_every=10", "vp.calib_steps=4", "ray.backend=local"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "meerkat_ray", "run", *RESUMABLE, "name=killed",
@@ -277,6 +268,7 @@ def resume_error(capsys, *argv) -> str:
     return err[0]
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_rewrites_the_same_results(short_run, tmp_path, capsys):
     run = copy_run(short_run, tmp_path / "again")
     stale = run / ".path.parquet.k1ll3d.tmp"  # what a SIGKILL in the middle of an atomic write leaves
@@ -322,6 +314,7 @@ DAMAGE = {  # how a run folder is broken -> what the error line must name
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_resume_refuses_a_damaged_or_changed_run_folder_and_leaves_it_alone(short_run, tmp_path, capsys, damage):
     run = copy_run(short_run, tmp_path / "run")
@@ -333,12 +326,14 @@ def test_resume_refuses_a_damaged_or_changed_run_folder_and_leaves_it_alone(shor
     assert files() == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_missing_folder_extra_items_and_overwrite(short_run, tmp_path, capsys):
     assert "no such run folder" in resume_error(capsys, "--resume", str(tmp_path / "nope"))
     assert "takes no config" in resume_error(capsys, "--resume", str(short_run), "fed.rounds=5")
     assert "exclude each other" in resume_error(capsys, "--resume", str(short_run), "--overwrite")
 
 
+@pytest.mark.slow
 def test_an_existing_run_folder_is_refused_unless_resume_or_overwrite(short_run, tmp_path, capsys):
     line = resume_error(capsys, *RESUMABLE, "fed.rounds=2", "name=short", f"output_dir={short_run.parent}")
     assert "already exists" in line and "--resume" in line and "--overwrite" in line

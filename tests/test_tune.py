@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import FLAG_ALL, timeless
 
 from meerkat_ray.checkpoint import RunCheckpoint
 from meerkat_ray.cli import main
@@ -95,10 +96,11 @@ def test_overrides_reach_base_grid_and_tune(tmp_path):
 RESUME = ["model.name=tiny-llama", "model.num_threads=1", "data.task=tweets2", "data.num_train=96",
           "data.num_test=16", "data.num_clients=3", "data.batch_size=4", "data.max_length=32",
           "mask.calib_num_seqs=2", "mask.calib_seq_len=32", "mask.cache=false", "fed.rounds=3",
-          "fed.local_steps=2", "vp.calib_steps=2", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0",
+          "fed.local_steps=2", "vp.calib_steps=2", *FLAG_ALL,
           "ray.backend=local"]
 
 
+@pytest.mark.slow
 def test_a_checkpointed_run_resumes_bit_for_bit(tmp_path):
     """Run b checkpoints after every round and is interrupted after round 2; it resumes from the
     round-1 checkpoint (so round 2 is cut from its files and computed again) and must end exactly
@@ -124,13 +126,13 @@ def test_a_checkpointed_run_resumes_bit_for_bit(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert torch.equal(load_theta(a / "sparse_final.safetensors"), load_theta(b / "sparse_final.safetensors"))
     assert read_path(a).equals(read_path(b))
-    timeless = [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(a)]
-    assert timeless == [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(b)]
+    assert timeless(a) == timeless(b)
     summary_a = json.loads((a / "summary.json").read_text())
     for key in ("final_accuracy", "uplink_bytes", "downlink_bytes", "local_steps", "flagged_clients"):
         assert summary[key] == summary_a[key]
 
 
+@pytest.mark.slow
 def test_a_trial_reports_every_round_and_the_last_one_after_its_run_folder_is_complete(tmp_path, monkeypatch):
     """A scheduler stops a trial at its last report: by then summary.json and sparse_final exist."""
     from meerkat_ray import tune as sweep_tune
