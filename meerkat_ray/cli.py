@@ -77,15 +77,15 @@ def cmd_run(args) -> int:
         from .checkpoint import open_resume
 
         cfg, checkpoint = open_resume(args.resume)  # every file checked before a model or cluster starts
-        from .runner import run_experiment
+        from .tracking import run_tracked  # run_experiment, with MLflow / W&B where tracking.* asks for them
 
-        run_experiment(cfg, progress=not args.quiet, resume=checkpoint)
+        run_tracked(cfg, progress=not args.quiet, resume=checkpoint)
         return 0
     path, overrides = split_items(args.items)
     cfg = load_config(path, overrides)
-    from .runner import run_experiment
+    from .tracking import run_tracked
 
-    run_experiment(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    run_tracked(cfg, overwrite=args.overwrite, progress=not args.quiet)
     return 0
 
 

@@ -104,6 +104,15 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    mlflow_uri: str = ""           # MLflow tracking URI ("" = off): sqlite:///mlruns.db, http://127.0.0.1:5000, a folder
+    mlflow_experiment: str = "meerkat-ray"  # MLflow experiment the runs are logged under
+    mlflow_parent_run: str = ""    # MLflow run id this run is nested under (`tune` sets it: the sweep's run)
+    wandb_project: str = ""        # Weights & Biases project ("" = off); WANDB_MODE (default offline) writes RUN_DIR/wandb/
+    wandb_group: str = ""          # W&B group of the run (`tune` sets it: the sweep's name)
+
+
+@dataclass
 class Config:
     name: str = "meerkat-vp-demo"  # run folder name under output_dir
     seed: int = 0                  # every random draw derives from this
@@ -115,6 +124,7 @@ class Config:
     fed: FedConfig = field(default_factory=FedConfig)
     vp: VPConfig = field(default_factory=VPConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -175,7 +185,10 @@ RANGES = [
     ("ray.actor_start_timeout_s", lambda v: v > 0, "> 0"),
 ]
 # Keys naming files, folders or models: a NUL byte would reach the OS as a traceback, not an error line.
-PATH_KEYS = ("name", "output_dir", "model.name", "model.cache_dir", "data.source")
+PATH_KEYS = ("name", "output_dir", "model.name", "model.cache_dir", "data.source", "tracking.mlflow_uri",
+             "tracking.mlflow_experiment", "tracking.wandb_project", "tracking.wandb_group")
+# MLflow tracking URIs: a database, a server, a folder (file: or a plain path)
+MLFLOW_URI = re.compile(r"(sqlite|postgresql|mysql|mssql)(\+\w+)?://.*|https?://[^/\s]+.*|file:.+|[^:]+")
 
 
 # ----------------------------------------------------------------------------- building
@@ -279,6 +292,9 @@ def validate(cfg: Config) -> Config:
     _check_calibration(cfg)
     if cfg.ray.chaos_kill_prob > 0 and cfg.ray.backend != "ray":
         raise ConfigError("ray.chaos_kill_prob: kills client actors, so it needs ray.backend=ray")
+    if cfg.tracking.mlflow_uri and not MLFLOW_URI.fullmatch(cfg.tracking.mlflow_uri):
+        raise ConfigError(f"tracking.mlflow_uri: not an MLflow tracking URI (sqlite:///FILE, http://HOST:PORT, "
+                          f"file:FOLDER or a folder), got {_short(cfg.tracking.mlflow_uri)}")
     return cfg
 
 

@@ -43,6 +43,7 @@ from .federation import connect, disconnect, federation_demand, trial_bundles
 from .runlog import remove_owned_folder, write_text
 from .runner import run_experiment
 from .sweep import Sweep, point_config, point_tag
+from .tracking import SweepTracking, Tracker
 
 EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep folder
 # Trials checkpoint every round by design; Tune's warning about frequent experiment snapshots is noise here.
@@ -80,6 +81,7 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
     """Reports and checkpoints after every round; the last round's once the run folder is complete
     (a scheduler stops a trial as soon as it reports its last round)."""
     final = []
+    tracker = Tracker.start(cfg, strict=False, resumed=resume is not None)  # the sweep checked it: warnings only
 
     def report(metrics: dict, checkpoint: RunCheckpoint) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -87,6 +89,7 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     def on_round(round_: int, metrics: dict, last: dict, checkpoint: RunCheckpoint) -> None:
+        tracker.on_round(round_, metrics, last, checkpoint)
         state = checkpoint.server  # the run folder's checkpoint of this round, reported as it is
         flagged = state["vp"]["flagged"]
         values = {
@@ -107,7 +110,12 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
         else:
             final.append((values, checkpoint))
 
-    run_experiment(cfg, overwrite=True, progress=False, on_round=on_round, resume=resume)
+    try:
+        summary = run_experiment(cfg, overwrite=True, progress=False, on_round=on_round, resume=resume)
+    except BaseException as exc:
+        tracker.fail(exc)
+        raise
+    tracker.finish(summary)  # before the last report: a scheduler may end the trial right at it
     for values, checkpoint in final:
         report(values, checkpoint)
 
@@ -269,15 +277,20 @@ def write_results(table: pd.DataFrame, folder: Path) -> None:
 def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, progress: bool = True) -> pd.DataFrame:
     """Run (or resume) a validated sweep; returns the results table also written to the sweep folder."""
     preflight(sweep)
+    tracking = SweepTracking.start(sweep, resume)  # MLflow's parent run; a tracking error stops the sweep here
     folder = open_sweep_folder(sweep, resume, overwrite)
+    tracking.attach(folder)
     demand = [federation_demand(cfg) for cfg in [*sweep.configs, *sweep.corners]]
     connect(sweep.configs[0].ray, max(c for c, _ in demand), max(g for _, g in demand), progress=progress)
     try:
-        results = make_tuner(sweep, folder, resume, progress).fit()
+        tracked = dataclasses.replace(sweep, base=tracking.trial_base())  # trials nested under the parent run
+        results = make_tuner(tracked, folder, resume, progress).fit()
     finally:
         disconnect()
     table = results_table(sweep, results)
     write_results(table, folder)
+    done = table["status"].isin(["done"] if sweep.tune.scheduler != "asha" else ["done", "stopped"])
+    tracking.finish(table, folder, complete=bool(done.all()) and len(table) >= sweep.expected_trials)
     if progress:
         shown = [c for c in table.columns if c not in ("run_dir", "trial_id")]
         print(f"\n{len(table)} trials -> {folder / 'results.csv'}")
