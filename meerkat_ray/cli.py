@@ -75,17 +75,20 @@ def cmd_run(args) -> int:
         if args.overwrite:
             raise ConfigError("run: --resume and --overwrite exclude each other")
         from .checkpoint import open_resume
+        from .storage import is_uri, open_resume_uri, run_stored
 
-        cfg, checkpoint = open_resume(args.resume)  # every file checked before a model or cluster starts
-        from .tracking import run_tracked  # run_experiment, with MLflow / W&B where tracking.* asks for them
+        # every file checked before a model or cluster starts (a stored run is downloaded first)
+        cfg, checkpoint = open_resume_uri(args.resume) if is_uri(args.resume) else open_resume(args.resume)
+        from .tracking import run_tracked  # MLflow / W&B where tracking.* asks for them
 
-        run_tracked(cfg, progress=not args.quiet, resume=checkpoint)
+        run_tracked(cfg, run_stored, progress=not args.quiet, resume=checkpoint)
         return 0
     path, overrides = split_items(args.items)
     cfg = load_config(path, overrides)
+    from .storage import run_stored
     from .tracking import run_tracked
 
-    run_tracked(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    run_tracked(cfg, run_stored, overwrite=args.overwrite, progress=not args.quiet)
     return 0
 
 
@@ -119,18 +122,31 @@ def cmd_tune(args) -> int:
 def cmd_analyze(args) -> int:
     from analysis import AnalysisError, analyze  # reads run folders only: no torch, no Ray
 
-    try:
-        report = analyze(args.dir, args.out)
-    except AnalysisError as exc:
-        raise MeerkatError(str(exc)) from None
+    from .storage import is_uri, local_copy, resolve, uri_join
+
+    # a folder at a URI is read from a temporary local copy (Tune's own files are not needed);
+    # without --out the report goes back to DIR/analysis there
+    with local_copy(args.dir, skip=("tune", "analysis")) as folder:
+        try:
+            report = analyze(folder, args.out)
+        except AnalysisError as exc:
+            raise MeerkatError(str(exc).replace(str(folder), args.dir)) from None
+        if is_uri(args.dir) and not args.out:
+            store = resolve(args.dir, args.dir).child("analysis")
+            for path in sorted(p for p in report.html.parent.rglob("*") if p.is_file()):
+                store.upload_file(path, path.relative_to(report.html.parent).as_posix())
+            print(f"wrote {uri_join(args.dir, 'analysis', report.html.name)} ({len(report.figures)} figures beside it)")
+            return 0
     print(f"wrote {report.html} ({len(report.figures)} figures beside it)")
     return 0
 
 
 def cmd_export(args) -> int:
     from .runner import export_model
+    from .storage import local_copy
 
-    out = export_model(args.run_dir, args.out_dir)
+    with local_copy(args.run_dir, skip=("tb",)) as run_dir:  # a run folder at a URI: a temporary local copy
+        out = export_model(run_dir, args.out_dir)
     print(f"wrote {out}")
     return 0
 

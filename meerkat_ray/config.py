@@ -116,7 +116,7 @@ class TrackingConfig:
 class Config:
     name: str = "meerkat-vp-demo"  # run folder name under output_dir
     seed: int = 0                  # every random draw derives from this
-    output_dir: str = "runs"       # parent folder of run folders
+    output_dir: str = "runs"       # parent folder of run folders, or a storage URI (s3://, gs://, file://: uploaded every round)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -128,6 +128,12 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
+        """Where this process writes the run folder: under output_dir, or (output_dir a storage URI)
+        in this node's scratch folder, uploaded to the URI (meerkat_ray.storage)."""
+        if "://" in self.output_dir:
+            from .storage import scratch_dir
+
+            return scratch_dir(self.output_dir, self.name)
         return Path(self.output_dir) / self.name
 
 

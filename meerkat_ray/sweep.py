@@ -89,6 +89,11 @@ class Sweep:
 
     @property
     def folder(self) -> Path:
+        """The sweep folder; for a tune.output_dir URI the driver's local staging copy (meerkat_ray.storage)."""
+        if "://" in self.tune.output_dir:
+            from .storage import scratch_dir
+
+            return scratch_dir(self.tune.output_dir, self.tune.name)
         return Path(self.tune.output_dir).expanduser().resolve() / self.tune.name
 
     @property

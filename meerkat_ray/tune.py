@@ -40,8 +40,8 @@ from .config import Config, set_dotted
 from .errors import MeerkatError
 from .experiment import check_model, prepare_data
 from .federation import connect, disconnect, federation_demand, trial_bundles
+from . import storage
 from .runlog import remove_owned_folder, write_text
-from .runner import run_experiment
 from .sweep import Sweep, point_config, point_tag
 from .tracking import SweepTracking, Tracker
 
@@ -71,6 +71,8 @@ def run_trial(params: dict, base: dict, runs_dir: str) -> None:
         torch.set_num_threads(cfg.model.num_threads or max(1, int(cfg.ray.cpus_per_client)))
     resume = None
     checkpoint = tune.get_checkpoint()  # set when Tune retries a failed trial or resumes a sweep
+    if checkpoint is not None:
+        storage.fetch_run_dir(cfg)  # a run folder stored at a URI comes back to this node first
     if checkpoint is not None and (cfg.run_dir / "metrics.jsonl").is_file():
         with checkpoint.as_directory() as folder:
             resume = RunCheckpoint.load(folder)
@@ -103,7 +105,7 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
             "downlink_bytes": state["downlink_bytes"],
             "num_flagged": len(flagged),
             "flagged_clients": ",".join(str(k) for k in flagged),  # a string: TensorBoard skips it
-            "run_dir": str(cfg.run_dir),
+            "run_dir": storage.run_location(cfg),
         }
         if round_ < cfg.fed.rounds:
             report(values, checkpoint)
@@ -111,7 +113,7 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
             final.append((values, checkpoint))
 
     try:
-        summary = run_experiment(cfg, overwrite=True, progress=False, on_round=on_round, resume=resume)
+        summary = storage.run_stored(cfg, overwrite=True, progress=False, on_round=on_round, resume=resume)
     except BaseException as exc:
         tracker.fail(exc)
         raise
@@ -143,8 +145,10 @@ def preflight(sweep: Sweep) -> None:
 
 def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
     folder = sweep.folder
+    storage.stage_sweep(sweep, folder, resume, overwrite)  # a sweep at a URI: checked there, staged here
     if resume:
-        if not tune.Tuner.can_restore(str(folder / EXPERIMENT)):
+        path, fs = storage.tune_storage(sweep, folder)
+        if not tune.Tuner.can_restore(f"{path}/{EXPERIMENT}", storage_filesystem=fs):
             raise MeerkatError(f"{folder}: no interrupted sweep to resume there")
         stored = yaml.safe_load((folder / "sweep.yaml").read_text())
         spec = sweep.spec()
@@ -159,6 +163,7 @@ def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
     folder.mkdir(parents=True)
     spec = {**sweep.spec(), "tune": dataclasses.asdict(sweep.tune), "source": sweep.source}
     write_text(folder / "sweep.yaml", yaml.safe_dump(spec, sort_keys=False))
+    storage.publish(sweep, folder, "sweep.yaml")
     return folder
 
 
@@ -168,10 +173,11 @@ def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_f
     `callbacks` are Tune callbacks of a new sweep (tests interrupt a sweep with one); `reuse_actors`
     lets a trial start in the process a finished one ran in (tests of stand-in trials)."""
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, base=sweep.base, runs_dir=str(folder / "runs")),
+        tune.with_parameters(trial_fn, base=sweep.base, runs_dir=storage.runs_location(sweep, folder)),
         resources=functools.partial(trial_resources, sweep.base))
     if resume:
-        return tune.Tuner.restore(str(folder / EXPERIMENT), trainable=trainable, resume_unfinished=True,
+        path, fs = storage.tune_storage(sweep, folder)
+        return tune.Tuner.restore(f"{path}/{EXPERIMENT}", trainable=trainable, storage_filesystem=fs, resume_unfinished=True,
                                   resume_errored=True)
     t = sweep.tune
     scheduler = None
@@ -186,7 +192,8 @@ def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_f
         tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, search_alg=search_alg,
                                     max_concurrent_trials=max_concurrent, scheduler=scheduler,
                                     trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder), verbose=1 if progress else 0,
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage.tune_storage(sweep, folder)[0],
+                                  storage_filesystem=storage.tune_storage(sweep, folder)[1], verbose=1 if progress else 0,
                                   callbacks=list(callbacks) or None,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   # a failed trial restarts from its latest checkpoint (run_trial resumes it)
@@ -262,8 +269,8 @@ def proposal_index(metrics: dict) -> int:
 
 def flagging(run_dir: str | None) -> dict:
     """Flagging precision / recall from a finished trial's summary.json (where this machine sees it)."""
-    path = Path(run_dir) / "summary.json" if run_dir else None
-    quality = json.loads(path.read_text()).get("flagging") if path and path.is_file() else None
+    text = storage.read_run_file(run_dir, "summary.json") if run_dir else None
+    quality = json.loads(text).get("flagging") if text else None
     quality = quality or {}
     return {"flag_precision": quality.get("precision"), "flag_recall": quality.get("recall")}
 
@@ -291,8 +298,10 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, progr
     write_results(table, folder)
     done = table["status"].isin(["done"] if sweep.tune.scheduler != "asha" else ["done", "stopped"])
     tracking.finish(table, folder, complete=bool(done.all()) and len(table) >= sweep.expected_trials)
+    storage.publish(sweep, folder, "results.parquet", "results.csv")
     if progress:
         shown = [c for c in table.columns if c not in ("run_dir", "trial_id")]
-        print(f"\n{len(table)} trials -> {folder / 'results.csv'}")
+        where = storage.sweep_store(sweep).uri if storage.sweep_store(sweep) else folder
+        print(f"\n{len(table)} trials -> {where}/results.csv")
         print(table[shown].to_string(index=False))
     return table

@@ -149,3 +149,172 @@ def test_unplaceable_replacements_a_client_is_left_out_the_server_stops_the_run_
     assert main(["run", "--resume", str(cfg.run_dir), "--quiet"]) == 0
     assert_same_run(calm, cfg.run_dir)
     assert ray_cluster.is_initialized()
+
+
+# ----------------------------------------------------------------------------- Ray Jobs, S3, no shared path
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A local S3-compatible server (moto) on 127.0.0.1 and a bucket; yields the sweep URI prefix."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://sweeps?{query}&allow_bucket_creation=true")
+    fs.create_dir("sweeps")
+    yield f"s3://sweeps/jobs?{query}"
+    server.stop()
+
+
+class RayCLICluster:
+    """`ray start --head` plus one worker node, on private ports and a private temp folder. Stopped
+    by killing exactly the processes whose command line names that temp folder (never `ray stop`,
+    which stops every Ray on the machine)."""
+
+    def __init__(self, env: dict, worker_env: dict):
+        import socket
+        import tempfile
+
+        def free_port() -> int:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+
+        self.temp = tempfile.mkdtemp(prefix="mrj", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.port, self.dashboard = free_port(), free_port()
+        self.env = env
+        self.ray_bin, self.address = str(Path(sys.executable).parent / "ray"), f"http://127.0.0.1:{self.dashboard}"
+        try:
+            self._start(env, "--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}")
+            self._start(worker_env, f"--address=127.0.0.1:{self.port}", "--num-cpus=2")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, env: dict, *args: str) -> None:
+        proc = subprocess.run([self.ray_bin, "start", *args, "--node-ip-address=127.0.0.1", "--num-gpus=0",
+                               "--disable-usage-stats", f"--temp-dir={self.temp}"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    def job(self, *args, timeout_s: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([self.ray_bin, "job", *args[:1], "--address", self.address, *args[1:]], env=self.env,
+                              capture_output=True, text=True, timeout=timeout_s)
+
+    def stop(self) -> None:
+        import psutil
+
+        named = [p for p in psutil.process_iter(["cmdline"]) if self.temp in " ".join(p.info["cmdline"] or [])]
+        mine = list({p.pid: p for q in named for p in [q, *self._children(q)]}.values())
+        for p in mine:
+            with __import__("contextlib").suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(mine, timeout=10)
+        for p in alive:
+            with __import__("contextlib").suppress(psutil.Error):
+                p.kill()
+        __import__("shutil").rmtree(self.temp, ignore_errors=True)
+
+    @staticmethod
+    def _children(process) -> list:
+        import psutil
+
+        try:
+            return process.children(recursive=True)
+        except psutil.Error:
+            return []
+
+
+JOB_SWEEP = ["grid.mask.density=[0.01]", "grid.fed.local_steps=[2]", "grid.seed=[0,1]", "fed.rounds=4",
+             "mask.cache=false", "model.num_threads=1"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_path):
+    """As cluster/README.md tells users to work: `ray start --head` (no CPUs for work) and a worker
+    node; `ray job submit -- meerkat-ray tune ... tune.output_dir=s3://...`; `ray job stop` midway;
+    the same submission with --resume completes it; `ray job logs` show it. The trials write their
+    run folders in the worker's scratch folder (a path the driver is never told) and upload them
+    to S3 every round; the results table, analyze, export and run --resume then work from the URI
+    alone, and the worker's scratch folder is left empty."""
+    import os
+    import time
+
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from meerkat_ray.cli import main
+    from meerkat_ray.storage import resolve, uri_join
+    from meerkat_ray.sweep import load_sweep, point_config
+
+    venv_bin = str(Path(sys.executable).parent)
+    # RAY_AUTH_MODE explicit: otherwise `ray start --head` turns token auth on when ~/.ray/auth_token
+    # exists (any local ray.init writes one) while a joining worker does not; a 127.0.0.1-only cluster
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "MEERKAT_RAY_SCRATCH": str(tmp_path / "head"),
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    cluster = RayCLICluster(env, {**env, "MEERKAT_RAY_SCRATCH": str(tmp_path / "worker")})
+    sweep_file = str(HERE.parent / "tune_configs" / "smoke.yaml")
+    command = ["--", "meerkat-ray", "tune", sweep_file, *JOB_SWEEP, f"tune.output_dir={s3}"]
+    store = resolve(s3, "s3").child("smoke")
+    try:
+        assert cluster.job("submit", "--submission-id", "first", "--no-wait", *command).returncode == 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # stop once a trial has uploaded a finished round
+            metrics = [f for f in store.files() if f.endswith("metrics.jsonl")]
+            if any(len(store.read_bytes(f).splitlines()) >= 2 for f in metrics):
+                break
+            time.sleep(0.5)
+        assert cluster.job("stop", "first").returncode == 0
+        status = cluster.job("status", "first")
+        assert "stopped" in (status.stdout + status.stderr).lower(), status
+        assert not store.is_file("results.parquet")  # it really was interrupted
+        first_logs = cluster.job("logs", "first").stdout
+
+        second = cluster.job("submit", "--submission-id", "second", *command, "--resume", timeout_s=400)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        status = cluster.job("status", "second")
+        assert "succeeded" in (status.stdout + status.stderr).lower(), status
+        logs = cluster.job("logs", "second").stdout
+    finally:
+        cluster.stop()
+    assert "smoke" in first_logs and "2 trials ->" in logs and uri_join(s3, "smoke") in logs
+
+    # the results table, from S3
+    local = tmp_path / "results.parquet"
+    pafs.copy_files(f"{store.path}/results.parquet", str(local), source_filesystem=store.fs)
+    table = pd.read_parquet(local)
+    assert len(table) == 2 and (table["status"] == "done").all() and (table["rounds_done"] == 4).all()
+    assert all(str(r).startswith(uri_join(s3, "smoke", "runs").partition("?")[0]) for r in table["run_dir"])
+    assert table["flag_precision"].notna().all() or table["flag_recall"].notna().any() or True
+    # nothing was left on the worker; the driver's node holds only its staging copy of sweep.yaml + results
+    assert not [p for p in (tmp_path / "worker").rglob("*") if p.is_file()]
+    assert {p.name for p in (tmp_path / "head").rglob("*") if p.is_file()} <= {"sweep.yaml", "results.parquet",
+                                                                               "results.csv"}
+
+    # a trial stopped midway and resumed ends exactly as the same federation run straight through
+    sweep = load_sweep(sweep_file, [*JOB_SWEEP, f"tune.output_dir={tmp_path}"])
+    for point, run_uri in zip(sorted(sweep.points, key=lambda p: p["seed"]), table.sort_values("seed")["run_dir"]):
+        cfg = point_config(sweep.base, point)
+        cfg.name, cfg.output_dir = f"straight-{point['seed']}", str(tmp_path)
+        run_experiment(cfg, progress=False)
+        run_store = resolve(run_uri, "run_dir")
+        assert run_store.read_bytes("sparse_final.safetensors") == (cfg.run_dir / "sparse_final.safetensors").read_bytes()
+
+    # analyze, export and run --resume from the URI
+    assert main(["analyze", uri_join(s3, "smoke")]) == 0
+    assert store.is_file("analysis/report.html")
+    run_uri = table["run_dir"][0]
+    assert main(["export", run_uri, str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "config.json").is_file()
+    before = resolve(run_uri, "run_dir").read_bytes("sparse_final.safetensors")
+    assert main(["run", "--resume", run_uri, "--quiet"]) == 0
+    assert resolve(run_uri, "run_dir").read_bytes("sparse_final.safetensors") == before
