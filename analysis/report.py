@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures
+from . import figures, search
 from .html import Figure, embed, page, table
 from .methods import SHORT_NAMES, group_runs, method_label, varying_keys
 from .runs import AnalysisError, Collection, load
@@ -89,7 +89,8 @@ class _Builder:
         sections = [("Overview", self.overview()), ("Accuracy and loss", self.curves())]
         for heading, body in (("GradIP trajectories and the VPCS decision", self.grad_ip()),
                               ("Flagged vs truly extreme clients", self.flagging()),
-                              ("Grid", self.heatmaps())):
+                              ("Grid", self.heatmaps()),
+                              ("Search", self.search())):
             if body:
                 sections.append((heading, body))
         shown = [c for c in self.table.columns if c != "run_dir"]
@@ -178,6 +179,25 @@ class _Builder:
         not together (two runs that differ in several keys would give a meaningless diagonal)."""
         cells = self.table[[x, y]].astype(str)
         return len(cells.drop_duplicates()) > max(cells[x].nunique(), cells[y].nunique())
+
+    def search(self) -> str:
+        """A searched sweep: the metric against each searched key, best so far, the best trials."""
+        space = self.c.space
+        if not space:
+            return ""
+        order = search.proposal_order(self.c, self.table)
+        metric, mode = self.c.search.get("metric", "accuracy"), self.c.search.get("mode", "max")
+        keys = ", ".join(f"<code>{html.escape(k)}</code> ({search.distribution(v)})" for k, v in space.items())
+        return (f"<p>{html.escape(str(self.c.search.get('search', 'random')))} search over {keys}; "
+                f"{len(self.table)} trials, metric {html.escape(metric)} ({html.escape(mode)}).</p>"
+                + self.save(search.against_keys(self.table, space), "search_keys.png",
+                            "Final accuracy and test loss against each searched key",
+                            "One dot per trial; log axes for log-sampled keys (loguniform, qloguniform).")
+                + self.save(search.best_so_far(self.table, order), "search_best_so_far.png",
+                            "Best so far over trials", "Each trial's final value in the order the search "
+                            "proposed the trials (dots) and the best value up to it (line).")
+                + f"<h3>Best trials (by {html.escape(metric)}, {html.escape(mode)})</h3>"
+                + table(search.best_trials(self.table, space, metric, mode, order), sortable=False))
 
     def heatmaps(self) -> str:
         if self.c.kind == "run":

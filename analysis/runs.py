@@ -114,6 +114,8 @@ class Collection:
     kind: str                                   # run | sweep | runs
     runs: list[Run]
     grid: dict[str, list] = field(default_factory=dict)  # a sweep's grid axes (dotted key -> values)
+    space: dict[str, dict] = field(default_factory=dict)  # a searched sweep's space (dotted key -> {dist: args})
+    search: dict = field(default_factory=dict)            # its search settings (search, metric, mode, ...)
 
 
 def is_run_dir(folder: Path) -> bool:
@@ -229,7 +231,10 @@ def load(folder: str | Path) -> Collection:
         runs = [load_run(d) for d in find_run_dirs(root / "runs", depth=1)]
         if not runs:
             raise AnalysisError(f"{root}: a sweep folder without any trial run folder in runs/ yet")
-        return Collection(root, "sweep", runs, {k: list(v) for k, v in grid.items() if isinstance(v, list)})
+        space = spec.get("space") if isinstance(spec.get("space"), dict) else {}
+        search = spec.get("search") if isinstance(spec.get("search"), dict) else {}
+        return Collection(root, "sweep", runs, {k: list(v) for k, v in grid.items() if isinstance(v, list)},
+                          {k: v for k, v in space.items() if isinstance(v, dict)}, search)
     dirs = find_run_dirs(root)
     if not dirs:
         raise AnalysisError(f"{root}: not a run folder (config.yaml + metrics.jsonl), a sweep folder "

@@ -111,6 +111,8 @@ def mlflow_client(uri: str):
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise MeerkatError(f"tracking.mlflow_uri: no MLflow server answers at {uri} ({reason})") from None
+    if uri.startswith("sqlite:///"):  # SQLite creates the file, not its folder
+        Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri)
     try:
         client.search_experiments(max_results=1)

@@ -12,7 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
 from meerkat_ray.cli import main
 from meerkat_ray.sweep import load_sweep
@@ -271,3 +273,64 @@ def test_the_searcher_state_is_optuna_not_a_default(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, "space: {zo.lr: {uniform: [0.1, 0.2]}}\ntune: {search: random, seed: 5}\n"))
     alg, limit = searcher(sweep)
     assert isinstance(alg, BasicVariantGenerator) and limit is None
+
+
+# ----------------------------------------------------------------------------- the search files
+
+def test_the_search_files_search_what_they_say(tmp_path):
+    lr = load_sweep(ROOT / "tune_configs" / "lr_search.yaml")
+    assert lr.tune.search == "optuna" and lr.tune.scheduler == "asha" and lr.tune.num_samples == 12
+    assert set(lr.space) == {"zo.lr", "zo.eps"} and not lr.grid
+    assert all(next(iter(spec)) == "loguniform" for spec in lr.space.values())
+    assert {c.model.name for c in lr.corners} == {"smollm2-135m"}  # the embedded model
+    assert lr.configs[0].tracking.mlflow_uri.startswith("sqlite:///")
+    vp = load_sweep(ROOT / "tune_configs" / "vp_search.yaml")
+    assert vp.tune.search == "random" and set(vp.space) == {"vp.sigma", "vp.rho", "vp.calib_steps"}
+    assert {c.vp.calib_steps for c in vp.corners} == {20, 100} and all(c.vp.enabled for c in vp.corners)
+    for name in ("lr_search", "vp_search"):
+        head = (ROOT / "tune_configs" / f"{name}.yaml").read_text().split("\nbase:")[0]
+        assert f"meerkat-ray tune tune_configs/{name}.yaml --resume" in head and "meerkat-ray analyze" in head
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_tiny_optuna_search_runs_end_to_end_and_is_analysed(ray_cluster, tmp_path):
+    """Through the CLI on tiny federations: the results carry the sampled values, and `analyze`
+    draws the metric against each searched key, the best-so-far curve and lists the best trials."""
+    from analysis import analyze
+
+    args = ["tune", str(ROOT / "tune_configs" / "smoke_search.yaml"), "tune.search=optuna", "tune.name=optuna",
+            f"tune.output_dir={tmp_path}", "base.mask.cache=false", "--quiet"]
+    assert main(args) == 0
+    folder = tmp_path / "optuna"
+    table = pd.read_parquet(folder / "results.parquet")
+    assert len(table) == 2 and (table["status"] == "done").all()
+    assert table["zo.lr"].between(1e-4, 1e-2).all() and set(table["fed.local_steps"]) <= {1, 2, 3}
+    assert sorted(table["trial_index"]) == list(table["trial_index"]) and table["trial_index"].is_unique
+    for run_dir, lr, steps in zip(table["run_dir"], table["zo.lr"], table["fed.local_steps"]):
+        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())  # each trial ran what the table says
+        assert config["zo"]["lr"] == lr and config["fed"]["local_steps"] == steps
+    report = analyze(folder)
+    names = {p.name for p in report.figures}
+    assert {"search_keys.png", "search_best_so_far.png"} <= names
+    page = report.html.read_text()
+    assert "Best trials (by accuracy, max)" in page and "optuna search over" in page
+
+
+def test_search_figures_use_log_axes_for_log_sampled_keys_and_track_the_best():
+    from analysis import search
+
+    space = {"zo.lr": {"loguniform": [1e-5, 1e-2]}, "fed.local_steps": {"randint": [1, 5]}}
+    table = pd.DataFrame({"run": ["t2", "t0", "t1"], "zo.lr": [1e-4, 1e-3, 1e-2], "fed.local_steps": [1, 2, 4],
+                          "final_accuracy": [0.5, 0.7, 0.6], "final_test_loss": [0.9, 0.6, 0.7],
+                          "best_accuracy": [0.5, 0.7, 0.6], "status": "done", "rounds": "2/2"})
+    fig = search.against_keys(table, space)
+    assert [ax.get_xscale() for ax in fig.axes] == ["log", "linear", "log", "linear"]  # rows: accuracy, loss
+    order = pd.Series([2, 0, 1])  # proposed: t0, t1, t2 (no results table: by name)
+    fig = search.best_so_far(table, order)
+    best = fig.axes[0].lines[0].get_ydata()
+    assert list(best) == [0.7, 0.7, 0.7]  # t0 = 0.7 first, then 0.6, 0.5 never beat it
+    loss = fig.axes[1].lines[0].get_ydata()
+    assert list(loss) == [0.6, 0.6, 0.6]
+    top = search.best_trials(table, space, "test_loss", "min", order)
+    assert list(top["run"]) == ["t0", "t1", "t2"] and list(top["trial"]) == [1, 2, 3]

@@ -232,3 +232,40 @@ def test_a_wandb_offline_run_holds_the_config_and_every_round(tmp_path, monkeypa
             summary |= {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                         for item in record.summary.update}
     assert summary["final_accuracy"] == pytest.approx(json.loads((run_dir / "summary.json").read_text())["final_accuracy"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_random_search_nests_its_trials_under_the_sweeps_mlflow_run(ray_cluster, mlflow_server, tmp_path):
+    """The tiny random search end to end, tracked: one parent run for the sweep, one child per
+    trial (params with the sampled values, per-round metrics), the parent's best-so-far curve."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    assert main(["tune", str(root / "tune_configs" / "smoke_search.yaml"), f"tune.output_dir={tmp_path}",
+                 f"base.tracking.mlflow_uri={mlflow_server}", "base.tracking.mlflow_experiment=sweeps",
+                 "base.mask.cache=false", "--quiet"]) == 0
+    folder = tmp_path / "smoke_search"
+    table = pd.read_parquet(folder / "results.parquet")
+    assert len(table) == 2 and (table["status"] == "done").all()
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    parent_id = json.loads((folder / "tracking.json").read_text())["mlflow_run_id"]
+    (parent,) = [r for r in runs if r.info.run_id == parent_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert parent.info.status == "FINISHED" and parent.data.params["tune.search"] == "random"
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    by_dir = {json.loads((Path(d) / "tracking.json").read_text())["mlflow_run_id"]: row
+              for d, row in zip(table["run_dir"], table.itertuples())}
+    for child in children:
+        row = by_dir[child.info.run_id]
+        assert float(child.data.params["zo.lr"]) == pytest.approx(row[table.columns.get_loc("zo.lr") + 1])
+        assert int(child.data.params["fed.local_steps"]) == row[table.columns.get_loc("fed.local_steps") + 1]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "accuracy")] == [0, 1, 2]
+    finals = list(table.sort_values("trial_index")["final_accuracy"])
+    best = [m.value for m in sorted(client.get_metric_history(parent_id, "best_so_far.final_accuracy"),
+                                    key=lambda m: m.step)]
+    assert best == pytest.approx([finals[0], max(finals)])
+    assert {"results.csv", "sweep.yaml", "analysis"} <= {a.path for a in client.list_artifacts(parent_id)}
