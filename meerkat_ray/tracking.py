@@ -255,6 +255,7 @@ class Tracker:
     def start(cls, cfg: Config, strict: bool = True, resumed: bool = False) -> "Tracker":
         tracker = cls(cfg, strict)
         ids = read_ids(cfg.run_dir) if resumed else {}
+        tracker.logged_round = int(ids.get("logged_round", -1))  # a resumed run's recomputed rounds are the same
         if cfg.tracking.mlflow_uri:
             tracker._start("MLflow", lambda: tracker._open_mlflow(ids.get("mlflow_run_id", "")))
         if cfg.tracking.wandb_project:
@@ -305,7 +306,7 @@ class Tracker:
             ids["wandb_run_id"] = self.wandb_id
             if self.wandb is None:
                 self._guard("W&B", self._open_wandb)
-        write_ids(self.run_dir, ids)
+        write_ids(self.run_dir, ids)  # the ids first: a run killed from here on is continued, not duplicated
         rows = [r for r in read_metrics(self.run_dir) if r["round"] > self.logged_round]
         for row in rows:
             values = numbers(row)
@@ -316,6 +317,7 @@ class Tracker:
             if self.wandb:
                 self._guard("W&B", lambda: self.wandb.log(values, row["round"]))
         self.logged_round = max([self.logged_round, *(r["round"] for r in rows)])
+        write_ids(self.run_dir, {"logged_round": self.logged_round})
 
     def _open_wandb(self) -> None:
         self.wandb = WandbRun.open(self.t.wandb_project, self.run_dir, self.cfg.name, self.t.wandb_group,

@@ -269,3 +269,38 @@ def test_a_random_search_nests_its_trials_under_the_sweeps_mlflow_run(ray_cluste
                                     key=lambda m: m.step)]
     assert best == pytest.approx([finals[0], max(finals)])
     assert {"results.csv", "sweep.yaml", "analysis"} <= {a.path for a in client.list_artifacts(parent_id)}
+
+
+@pytest.mark.slow
+def test_run_resume_continues_the_same_mlflow_run(tmp_path):
+    """A run interrupted after round 2 is marked in MLflow; `run --resume` continues the same
+    MLflow run (tracking.json) to FINISHED, every round logged once with its round as step."""
+    from mlflow.tracking import MlflowClient
+
+    from meerkat_ray.config import load_config
+    from meerkat_ray.tracking import run_tracked
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_round_2(round_, metrics, last, checkpoint):
+        if round_ == 2:
+            raise Interrupted
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = load_config(None, [*TINY, "name=cut", f"output_dir={tmp_path}", f"tracking.mlflow_uri={uri}"])
+    with pytest.raises(Interrupted):
+        run_tracked(cfg, progress=False, on_round=stop_after_round_2)
+    run_dir = tmp_path / "cut"
+    run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert json.loads((run_dir / "tracking.json").read_text())["mlflow_run_id"] == run_id
+    (run,) = client.search_runs([client.get_experiment_by_name("meerkat-ray").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # each round once, the interrupted one included
+    rows = {r["round"]: r for r in metrics_rows(run_dir)}
+    assert {m.step: m.value for m in history} == {s: pytest.approx(rows[s]["train_loss"]) for s in (1, 2, 3)}
+    assert sorted(m.step for m in client.get_metric_history(run_id, "accuracy")) == [0, 2, 3]
