@@ -209,6 +209,8 @@ class RayCLICluster:
                               capture_output=True, text=True, timeout=timeout_s)
 
     def stop(self) -> None:
+        import time
+
         import psutil
 
         named = [p for p in psutil.process_iter(["cmdline"]) if self.temp in " ".join(p.info["cmdline"] or [])]
@@ -216,11 +218,23 @@ class RayCLICluster:
         for p in mine:
             with __import__("contextlib").suppress(psutil.Error):
                 p.terminate()
-        _, alive = psutil.wait_procs(mine, timeout=10)
-        for p in alive:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(self._status(p) != psutil.STATUS_ZOMBIE for p in mine):
+            time.sleep(0.1)
+        alive = mine
+        for p in [p for p in alive if self._status(p) != psutil.STATUS_ZOMBIE]:  # a zombie has exited
             with __import__("contextlib").suppress(psutil.Error):
                 p.kill()
         __import__("shutil").rmtree(self.temp, ignore_errors=True)
+
+    @staticmethod
+    def _status(process) -> str:
+        import psutil
+
+        try:
+            return process.status()
+        except psutil.Error:
+            return psutil.STATUS_ZOMBIE
 
     @staticmethod
     def _children(process) -> list:
@@ -245,6 +259,7 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     run folders in the worker's scratch folder (a path the driver is never told) and upload them
     to S3 every round; the results table, analyze, export and run --resume then work from the URI
     alone, and the worker's scratch folder is left empty."""
+    import io
     import os
     import time
 
@@ -294,7 +309,6 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     table = pd.read_parquet(local)
     assert len(table) == 2 and (table["status"] == "done").all() and (table["rounds_done"] == 4).all()
     assert all(str(r).startswith(uri_join(s3, "smoke", "runs").partition("?")[0]) for r in table["run_dir"])
-    assert table["flag_precision"].notna().all() or table["flag_recall"].notna().any() or True
     # nothing was left on the worker; the driver's node holds only its staging copy of sweep.yaml + results
     assert not [p for p in (tmp_path / "worker").rglob("*") if p.is_file()]
     assert {p.name for p in (tmp_path / "head").rglob("*") if p.is_file()} <= {"sweep.yaml", "results.parquet",
@@ -302,12 +316,12 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
 
     # a trial stopped midway and resumed ends exactly as the same federation run straight through
     sweep = load_sweep(sweep_file, [*JOB_SWEEP, f"tune.output_dir={tmp_path}"])
-    for point, run_uri in zip(sorted(sweep.points, key=lambda p: p["seed"]), table.sort_values("seed")["run_dir"]):
-        cfg = point_config(sweep.base, point)
-        cfg.name, cfg.output_dir = f"straight-{point['seed']}", str(tmp_path)
-        run_experiment(cfg, progress=False)
-        run_store = resolve(run_uri, "run_dir")
-        assert run_store.read_bytes("sparse_final.safetensors") == (cfg.run_dir / "sparse_final.safetensors").read_bytes()
+    cfg = point_config(sweep.base, next(p for p in sweep.points if p["seed"] == 0))
+    cfg.name, cfg.output_dir = "straight", str(tmp_path)
+    run_experiment(cfg, progress=False)
+    stored = resolve(table.loc[table["seed"] == 0, "run_dir"].iloc[0], "run_dir")
+    assert stored.read_bytes("sparse_final.safetensors") == (cfg.run_dir / "sparse_final.safetensors").read_bytes()
+    assert pd.read_parquet(io.BytesIO(stored.read_bytes("path.parquet"))).equals(read_path(cfg.run_dir))
 
     # analyze, export and run --resume from the URI
     assert main(["analyze", uri_join(s3, "smoke")]) == 0
