@@ -72,3 +72,36 @@ def test_readme_commands_start_submit_watch_and_tear_down():
         assert (ROOT / path).is_file(), path
     for path in ("Dockerfile", "Dockerfile.dockerignore"):
         assert (CLUSTER / path).is_file()
+
+
+IS_SPOT = {  # how each provider's node_config asks for an interruptible instance
+    "aws.yaml": lambda nc: nc.get("InstanceMarketOptions", {}).get("MarketType") == "spot",
+    "gcp.yaml": lambda nc: (nc.get("scheduling") or {}).get("provisioningModel") == "SPOT"
+    or (nc.get("scheduling") or {}).get("preemptible") is True,
+}
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launchers_offer_spot_gpu_workers_beside_on_demand_ones(name):
+    """Interruptible GPU workers are safe here (recovery is exact): each launcher config has spot /
+    preemptible worker types and on-demand ones of the same shape, all passing Ray's validation,
+    and cluster/README.md says what happens when one is reclaimed."""
+    raw = yaml.safe_load((CLUSTER / name).read_text())
+    config = prepare_config(copy.deepcopy(raw))
+    validate_config(config)
+    types = raw["available_node_types"]
+    gpu = {t: spec for t, spec in types.items() if spec["resources"].get("GPU", 0) > 0}
+    spot = {t for t, spec in gpu.items() if IS_SPOT[name](spec["node_config"])}
+    on_demand = set(gpu) - spot
+    assert spot and on_demand
+    shapes = {(gpu[t]["resources"]["GPU"], gpu[t]["resources"]["CPU"]) for t in on_demand}
+    readme = (CLUSTER / "README.md").read_text()
+    for t in spot:
+        assert "spot" in t or "preemptible" in t, t
+        assert (gpu[t]["resources"]["GPU"], gpu[t]["resources"]["CPU"]) in shapes  # an on-demand twin
+        assert gpu[t]["min_workers"] == 0 and f"`{t}`" in readme, t
+        if name == "gcp.yaml":  # a reclaimed VM is deleted, not restarted into a stale state
+            assert gpu[t]["node_config"]["scheduling"]["automaticRestart"] is False
+    if name == "aws.yaml":  # spot instances cannot be stopped and started again
+        assert raw["provider"]["cache_stopped_nodes"] is False
+    assert "reclaimed" in readme and "tests/test_multinode.py" in readme
