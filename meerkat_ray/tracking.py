@@ -327,18 +327,25 @@ class Tracker:
         """Artifacts: the run folder's small files and the `analyze` figures and report."""
         if not (self.mlflow or self.wandb):
             return
+        step = int(summary.get("rounds", 0))
+        totals = {f"summary.{k}": float(v) for k, v in summary.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         with tempfile.TemporaryDirectory(prefix="meerkat-figures-") as tmp:
             figures = draw_figures(self.run_dir, Path(tmp))
-            step = int(summary.get("rounds", 0))
-            totals = {f"summary.{k}": float(v) for k, v in summary.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+            def close_mlflow():
+                self.mlflow.log(totals, step)
+                self.mlflow.artifacts([self.run_dir / f for f in ARTIFACTS], Path(tmp), "analysis")
+                self.mlflow.end("FINISHED")
+
+            def close_wandb():
+                self.wandb.artifacts(summary, figures, step)
+                self.wandb.end(0)
+
             if self.mlflow:
-                self._guard("MLflow", lambda: (self.mlflow.log(totals, step),
-                                               self.mlflow.artifacts([self.run_dir / f for f in ARTIFACTS],
-                                                                     Path(tmp), "analysis"),
-                                               self.mlflow.end("FINISHED")))
+                self._guard("MLflow", close_mlflow)
             if self.wandb:
-                self._guard("W&B", lambda: (self.wandb.artifacts(summary, figures, step), self.wandb.end(0)))
+                self._guard("W&B", close_wandb)
 
     def fail(self, exc: BaseException) -> None:
         """The run stopped with an exception: mark the tracked runs (KILLED for an interrupt)."""

@@ -304,3 +304,57 @@ def test_run_resume_continues_the_same_mlflow_run(tmp_path):
     rows = {r["round"]: r for r in metrics_rows(run_dir)}
     assert {m.step: m.value for m in history} == {s: pytest.approx(rows[s]["train_loss"]) for s in (1, 2, 3)}
     assert sorted(m.step for m in client.get_metric_history(run_id, "accuracy")) == [0, 2, 3]
+
+
+def test_a_sweep_with_a_dead_tracking_server_stops_before_ray_and_its_folder(tmp_path, capsys, monkeypatch):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    root = Path(__file__).resolve().parents[1]
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["tune", str(root / "tune_configs" / "smoke_search.yaml"), f"tune.output_dir={tmp_path}",
+                 f"base.tracking.mlflow_uri={url}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: tracking.mlflow_uri: no MLflow server answers"), err
+    assert not (tmp_path / "smoke_search").exists()
+
+
+def test_a_resumed_sweep_continues_its_parent_run(tmp_path):
+    """The sweep's parent run: KILLED when the sweep was interrupted, the same run again (RUNNING,
+    then FINISHED) when it is resumed; trial runs their process left RUNNING are closed."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from meerkat_ray.sweep import load_sweep
+    from meerkat_ray.tracking import SweepTracking, write_ids
+
+    root = Path(__file__).resolve().parents[1]
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    sweep = load_sweep(root / "tune_configs" / "smoke_search.yaml",
+                       [f"tune.output_dir={tmp_path}", f"base.tracking.mlflow_uri={uri}"])
+    first = SweepTracking.start(sweep, resume=False)
+    sweep.folder.mkdir(parents=True)
+    first.attach(sweep.folder)
+    base = first.trial_base()
+    assert base["tracking"]["mlflow_parent_run"] == first.parent.run_id
+    client = MlflowClient(uri)
+    trial = client.create_run(client.get_run(first.parent.run_id).info.experiment_id,
+                              tags={"mlflow.parentRunId": first.parent.run_id})
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    write_ids(trial_dir, {"mlflow_run_id": trial.info.run_id})
+    table = pd.DataFrame({"trial_index": [1], "status": ["stopped"], "run_dir": [str(trial_dir)],
+                          "final_accuracy": [0.5], "final_test_loss": [0.7]})
+    (sweep.folder / "results.csv").write_text("x\n")
+    first.finish(table, sweep.folder, complete=False)
+    assert client.get_run(first.parent.run_id).info.status == "KILLED"
+    assert client.get_run(trial.info.run_id).info.status == "KILLED"  # closed by the driver
+
+    again = SweepTracking.start(sweep, resume=True)
+    assert again.parent.run_id == first.parent.run_id
+    assert client.get_run(first.parent.run_id).info.status == "RUNNING"
+    again.finish(table.assign(status="done"), sweep.folder, complete=True)
+    assert client.get_run(first.parent.run_id).info.status == "FINISHED"
