@@ -32,10 +32,11 @@ def proposal_order(collection: Collection, table: pd.DataFrame) -> pd.Series:
     index = {}
     if path.is_file():
         try:
-            results = pd.read_parquet(path, columns=["trial_index", "run_dir"])
+            results = pd.read_parquet(path)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
             raise AnalysisError(f"{path}: not a readable results table ({type(exc).__name__})") from None
-        index = {Path(str(d)).name: int(i) for i, d in zip(results["trial_index"], results["run_dir"]) if d}
+        if {"trial_index", "run_dir"} <= set(results.columns):  # (older tables: folder names decide)
+            index = {Path(str(d)).name: int(i) for i, d in zip(results["trial_index"], results["run_dir"]) if d}
     names = table["run"].tolist()
     known = [index.get(name, math.inf) for name in names]
     ranks = sorted(range(len(names)), key=lambda i: (known[i], names[i]))
