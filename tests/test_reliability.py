@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -218,32 +217,78 @@ RESUMABLE = TINY + ["data.num_train=96", "data.num_clients=3", "data.partition=m
                     "fed.local_steps=2", "fed.eval_every=10", "vp.calib_steps=4", "ray.backend=local"]
 
 
-@pytest.mark.slow
-def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, capsys):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "meerkat_ray", "run", *RESUMABLE, "name=killed",
-                             f"output_dir={tmp_path}", "--quiet"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    run_experiment(load_config(None, [*RESUMABLE, "name=whole", f"output_dir={tmp_path}"]), progress=False)
-    killed = tmp_path / "killed"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        metrics = killed / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) > 3:  # round 3 is written
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (killed / "sparse_final.safetensors").exists()
-    done = len(read_metrics(killed)) - 1
-    assert 3 <= done < 30
+# A run of 4 rounds (evaluations after rounds 0, 3 and 4) whose round 1 is Meerkat-vp's calibration
+# (vp.calibration=first_round: 4 uninterrupted steps per client, then the decision), killed with
+# SIGKILL at each named point of tests/killpoints.py and resumed; every resumed run must end bit for
+# bit as the uninterrupted one.
+KILLABLE = TINY + ["data.num_train=96", "data.num_clients=3", "data.partition=mixed", "fed.rounds=4",
+                   "fed.local_steps=2", "fed.eval_every=3", "vp.calibration=first_round", "vp.calib_steps=4",
+                   "ray.backend=local"]
+KILLS = {  # kill point -> the round it strikes in
+    "atomic-path": 3, "atomic-checkpoint": 3, "after-metrics": 3, "after-checkpoint": 3, "mid-round": 3,
+    "evaluation": 3, "calibration": 1, "decision": 1,
+}
+KILLPOINTS = Path(__file__).with_name("killpoints.py")
 
-    assert main(["run", "--resume", str(killed), "--quiet"]) == 0
-    assert_same_run(tmp_path / "whole", killed)
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["final_accuracy"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["final_accuracy"]
-    assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]
+
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted run ("whole") and one run killed at each point (forked from one process)."""
+    root = tmp_path_factory.mktemp("killed")
+    jobs = [{"point": point, "round": rnd, "marker": str(root / f"{point}.marker"),
+             "argv": ["run", *KILLABLE, f"name={point}", f"output_dir={root}", "--quiet"]}
+            for point, rnd in KILLS.items()]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "KILLPOINT_EVAL_EVERY": "3"}
+    done = subprocess.run([sys.executable, str(KILLPOINTS), str(root / "jobs.json")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = json.loads((root / "jobs.status.json").read_text())
+    assert status == {job["marker"]: -signal.SIGKILL for job in jobs}, (status, done.stderr[-3000:])
+    run_experiment(load_config(None, [*KILLABLE, "name=whole", f"output_dir={root}"]), progress=False)
+    return {name: root / name for name in ["whole", *KILLS]}
+
+
+def checkpoint_round(run: Path) -> int:
+    from meerkat_ray.checkpoint import RunCheckpoint
+
+    return RunCheckpoint.load(run).round
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", KILLS)
+def test_a_run_killed_at_any_point_resumes_bit_for_bit(killed_runs, capsys, point):
+    run, whole, rnd = killed_runs[point], killed_runs["whole"], KILLS[point]
+    seen = (run.parent / f"{point}.marker").read_text()
+    assert seen.startswith(point), seen  # killed at that point, not anywhere else
+    assert not (run / "sparse_final.safetensors").exists() and not (run / "summary.json").exists()
+    # what the kill left: the last checkpoint is the round before (after-checkpoint: that round's own)
+    assert checkpoint_round(run) == (rnd if point == "after-checkpoint" else rnd - 1), seen
+    rounds = [m["round"] for m in read_metrics(run)]
+    written = point in ("after-metrics", "after-checkpoint", "atomic-path", "atomic-checkpoint")  # round's line
+    assert rounds == list(range(rnd + 1 if written else rnd)), (point, rounds)
+    temps = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    if point.startswith("atomic-"):  # the interrupted write's complete temp file is still there
+        assert len(temps) == 1 and temps[0].startswith(".path.parquet." if point == "atomic-path" else
+                                                       ".checkpoint.safetensors."), temps
+    else:
+        assert temps == [], temps
+
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(whole, run)
+    summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, whole))
+    drop = lambda d: {k: v for k, v in d.items() if not k.endswith("_s") and k != "name"}  # noqa: E731
+    assert drop(summary) == drop(expected)
+    assert [p.name for p in run.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_every_kill_point_is_tested():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("killpoints", KILLPOINTS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(module.POINTS) == set(KILLS)
 
 
 @pytest.fixture(scope="module")
