@@ -139,9 +139,10 @@ def rolling_abs(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def quiet_threshold(run: Run) -> float | None:
-    """sigma x the population reference (median over clients of their early mean |GradIP|)."""
+    """sigma x the population reference (median over clients of their early-phase |GradIP| statistic)."""
     stats = (run.summary or {}).get("vpcs") or {}
-    early = [s.get("early_mean") for s in stats.values() if isinstance(s, dict) and s.get("early_mean") is not None]
+    early = [s.get("early", s.get("early_mean")) for s in stats.values() if isinstance(s, dict)]  # early_mean: older runs
+    early = [v for v in early if v is not None]
     sigma = run.get("vp.sigma")
     if not early or sigma is None:
         return None
@@ -178,10 +179,15 @@ def grad_ip(run: Run, title: str) -> plt.Figure | None:
     if enabled and calib:
         early, late = phase_lengths(int(calib), float(run.get("vp.early_fraction", 0.2)),
                                     float(run.get("vp.late_fraction", 0.5)))
+        calibration = run.get("vp.calibration", "rounds")  # runs before vp.calibration existed spread it over rounds
         for ax in (top, bottom):
+            ax.axvspan(0.5, calib + 0.5, color="tab:gray", alpha=0.06)
             ax.axvspan(0.5, early + 0.5, color="tab:green", alpha=0.08)
             ax.axvspan(calib - late + 0.5, calib + 0.5, color="tab:orange", alpha=0.08)
-        handles += [Patch(color="tab:green", alpha=0.25, label="VPCS early phase"),
+        what = {"first_round": "round 1, aggregated", "probe": "round 1, update discarded",
+                "rounds": "spread over rounds"}.get(calibration, calibration)
+        handles += [Patch(color="tab:gray", alpha=0.2, label=f"VPCS calibration ({calib} steps, {what})"),
+                    Patch(color="tab:green", alpha=0.25, label="VPCS early phase"),
                     Patch(color="tab:orange", alpha=0.25, label="VPCS late phase")]
         threshold = quiet_threshold(run)
         if threshold:

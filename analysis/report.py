@@ -146,12 +146,31 @@ class _Builder:
                                    "GradIP = scalar × ⟨g_pre, z⟩ for every replayed local step of every client "
                                    "(top, symmetric log scale) and its running mean of |GradIP| (bottom, log "
                                    "scale). Red: truly extreme (single-label) clients; blue: the others. Shaded: "
-                                   "the early and late phases of the VPCS calibration window; dashed: the "
-                                   "decision; X: flagged clients, early-stopped to 1 local step per round from "
-                                   "then on."))
+                                   "the VPCS calibration window (grey) with its early (green) and late (orange) "
+                                   "phases; dashed: the decision; X: flagged clients, early-stopped to 1 local "
+                                   "step per round from then on."))
+            parts.append(self.vpcs_table(run))
         if len(runs) > MAX_GRADIP_RUNS:
             parts.append(f"<p>{len(runs) - MAX_GRADIP_RUNS} more runs with GradIP are not drawn.</p>")
         return "".join(parts)
+
+    @staticmethod
+    def vpcs_table(run) -> str:
+        """Each client's VPCS statistics at the decision, flagged or not, truly extreme or not."""
+        stats = (run.summary or {}).get("vpcs") or {}
+        if not stats:
+            return ""
+        extreme, flagged = run.extreme_clients, set(run.flagged_clients)
+        rows = [{"client": int(k), "flagged": int(k) in flagged,
+                 "truly extreme": (int(k) in extreme) if extreme is not None else None,
+                 "rho_later": s.get("rho_later"), "quiet fraction": s.get("quiet_fraction"),
+                 "early |GradIP|": s.get("early", s.get("early_mean")), "late |GradIP|": s.get("late", s.get("late_mean"))}
+                for k, s in sorted(stats.items(), key=lambda kv: int(kv[0]))]
+        decided = run.decided_round
+        stat = (run.summary or {}).get("vp_statistic") or "mean"
+        return (f"<p>VPCS decided after round {decided} on {stat}s of |GradIP| (σ = {run.get('vp.sigma')}, "
+                f"ρ = {run.get('vp.rho')}, quiet fraction > {run.get('vp.min_quiet_fraction')}).</p>"
+                + table(pd.DataFrame(rows)))
 
     def flagging(self) -> str:
         rows = flagging_rows(self.groups)

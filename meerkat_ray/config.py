@@ -79,7 +79,7 @@ class VPConfig:
     enabled: bool = True           # Meerkat-vp: flag extreme non-IID clients from GradIP and early-stop them
     policy: str = "gradip"         # gradip (VPCS) | random (stop as many clients, chosen at random)
     sigma: float = 0.5             # a step is quiet when |GradIP| < sigma * population reference
-    rho: float = 2.0               # flag when mean|GradIP| early / late exceeds rho ...
+    rho: float = 2.0               # flag when |GradIP| early / late (vp.statistic) exceeds rho ...
     min_quiet_fraction: float = 0.6  # ... and the late phase has at least this fraction of quiet steps
     calibration: str = "first_round"  # first_round: round 1 runs calib_steps uninterrupted steps, aggregated as usual |
                                       # probe: the same round 1, its update discarded | rounds: calib_steps spread over T-step rounds

@@ -150,6 +150,7 @@ class ScalarLog:
         values["bytes/downlink_total"] = sum(m.get("downlink_bytes") or 0 for m in metrics)
         values["clients/flagged"] = len(last.get("flagged_clients") or [])
         values["clients/rejected"] = len(last.get("rejected_clients") or [])
+        values.update(vpcs_scalars(last))
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()
                                  if isinstance(v, (int, float)) and math.isfinite(v)])
         events = [Event(wall_time=time.time(), step=int(last["round"]), summary=summary)]
@@ -159,6 +160,23 @@ class ScalarLog:
         with open(self.path, "ab") as f:
             for event in events:
                 f.write(_tf_record(event.SerializeToString()))
+
+
+def vpcs_scalars(metrics: dict) -> dict:
+    """TensorBoard tags of the VPCS decision, logged at the round it was made: each client's
+    statistics, whether it was flagged, and precision / recall where the extreme clients are known."""
+    out = {}
+    if not metrics.get("vp_decided"):
+        return out
+    flagged = set(metrics.get("flagged_clients") or [])
+    for client, stats in (metrics.get("vpcs") or {}).items():
+        out[f"vpcs/rho_later/client_{client}"] = stats.get("rho_later")
+        out[f"vpcs/quiet_fraction/client_{client}"] = stats.get("quiet_fraction")
+        out[f"vpcs/flagged/client_{client}"] = float(int(client) in flagged)
+    flagging = metrics.get("flagging") or {}
+    out["vpcs/precision"], out["vpcs/recall"] = flagging.get("precision"), flagging.get("recall")
+    out["vpcs/decided_round"] = metrics["round"]
+    return out
 
 
 def _tf_record(data: bytes) -> bytes:

@@ -29,6 +29,7 @@ TINY = [  # a federation of a few seconds: tiny model, 4 clients of which 2 sing
     "data.extreme_fraction=0.5", "data.batch_size=2", "data.max_length=24", "mask.density=0.01",
     "mask.calib_num_seqs=2", "mask.calib_seq_len=24", "mask.calib_batch_size=2", f"fed.rounds={ROUNDS}",
     f"fed.local_steps={T}", "fed.eval_every=1", "zo.lr=1e-2", "vp.enabled=true", f"vp.calib_steps={2 * T}",
+    "vp.calibration=rounds",  # calibration over 2 rounds: the decision comes after round 2
 ]
 GRID = {"fed.local_steps": [1, 2], "vp.sigma": [0.5, 1e6]}  # the tiny sweep: 2 x 2
 
