@@ -23,6 +23,7 @@ here 2, each at most MLFLOW_HTTP_REQUEST_TIMEOUT s, default here 20) instead of 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -104,6 +105,7 @@ def mlflow_client(uri: str):
     """A client of the store at `uri`, checked to answer (MeerkatError naming the key otherwise)."""
     from mlflow.tracking import MlflowClient
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about creating tables
     if uri.startswith(("http://", "https://")):  # one bounded probe instead of the client's retries
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as answer:
@@ -123,12 +125,18 @@ def mlflow_client(uri: str):
 
 
 def experiment_id(client, name: str) -> str:
-    """The id of experiment `name`, created when missing (several trials may race to create it)."""
+    """The id of experiment `name`, created when missing (several trials may race to create it).
+    With a sqlite store the artifacts go beside the database file (mlartifacts/NAME), not into
+    whatever folder the creating process runs in."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
+    uri = client.tracking_uri
+    location = None
+    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        location = str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / re.sub(r"[^\w.-]", "-", name))
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=location)
     except Exception:  # noqa: BLE001 - created meanwhile by another process
         found = client.get_experiment_by_name(name)
         if found is None:
