@@ -4,6 +4,8 @@ fails here by timeout instead of hanging the suite, and the session's Ray is nev
 cases that need no second node (a replacement the cluster can never place) run on the session's
 cluster, with replacements that ask for a resource no node has."""
 
+from __future__ import annotations
+
 import json
 import subprocess
 import sys
@@ -173,36 +175,40 @@ def s3(monkeypatch):
 
 
 class RayCLICluster:
-    """`ray start --head` plus one worker node, on private ports and a private temp folder. Stopped
-    by killing exactly the processes whose command line names that temp folder (never `ray stop`,
-    which stops every Ray on the machine)."""
+    """A cluster started with `ray start` (`head`, then `worker` nodes) on private ports and a
+    private temp folder. Stopped by killing exactly the processes whose command line names that
+    temp folder, and their children (never `ray stop`, which stops every Ray on the machine)."""
 
-    def __init__(self, env: dict, worker_env: dict):
+    def __init__(self, env: dict):
         import socket
         import tempfile
 
         def free_port() -> int:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                return s.getsockname()[1]
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                return sock.getsockname()[1]
 
         self.temp = tempfile.mkdtemp(prefix="mrj", dir="/tmp")  # short: Ray's socket paths have a length limit
         self.port, self.dashboard = free_port(), free_port()
-        self.env = env
+        self.gcs, self.env = f"127.0.0.1:{self.port}", env
         self.ray_bin, self.address = str(Path(sys.executable).parent / "ray"), f"http://127.0.0.1:{self.dashboard}"
-        try:
-            self._start(env, "--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=true",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}")
-            self._start(worker_env, f"--address=127.0.0.1:{self.port}", "--num-cpus=2")
-        except BaseException:
-            self.stop()
-            raise
+
+    def head(self, *args: str, env: dict | None = None) -> RayCLICluster:
+        self._start(env or self.env, "--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", *args)
+        return self
+
+    def worker(self, env: dict, *args: str) -> RayCLICluster:
+        self._start(env, f"--address={self.gcs}", "--num-cpus=2", *args)
+        return self
 
     def _start(self, env: dict, *args: str) -> None:
         proc = subprocess.run([self.ray_bin, "start", *args, "--node-ip-address=127.0.0.1", "--num-gpus=0",
                                "--disable-usage-stats", f"--temp-dir={self.temp}"], env=env, capture_output=True,
                               text=True, timeout=120)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        if proc.returncode:
+            self.stop()
+            raise AssertionError(proc.stdout[-2000:] + proc.stderr[-2000:])
 
     def job(self, *args, timeout_s: int = 300) -> subprocess.CompletedProcess:
         return subprocess.run([self.ray_bin, "job", *args[:1], "--address", self.address, *args[1:]], env=self.env,
@@ -276,7 +282,7 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "MEERKAT_RAY_SCRATCH": str(tmp_path / "head"),
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    cluster = RayCLICluster(env, {**env, "MEERKAT_RAY_SCRATCH": str(tmp_path / "worker")})
+    cluster = RayCLICluster(env).head().worker({**env, "MEERKAT_RAY_SCRATCH": str(tmp_path / "worker")})
     sweep_file = str(HERE.parent / "tune_configs" / "smoke.yaml")
     command = ["--", "meerkat-ray", "tune", sweep_file, *JOB_SWEEP, f"tune.output_dir={s3}"]
     store = resolve(s3, "s3").child("smoke")
@@ -332,3 +338,83 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     before = resolve(run_uri, "run_dir").read_bytes("sparse_final.safetensors")
     assert main(["run", "--resume", run_uri, "--quiet"]) == 0
     assert resolve(run_uri, "run_dir").read_bytes("sparse_final.safetensors") == before
+
+
+
+# ----------------------------------------------------------------------------- autoscaling
+
+def cluster_env(tmp_path: Path) -> dict:
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "MEERKAT_RAY_SCRATCH": str(tmp_path / "scratch")}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def fake_autoscaling_config(gcs: str, idle_timeout_minutes: float) -> dict:
+    """Ray's fake_multinode provider (worker nodes are raylets the autoscaler starts on this
+    machine); the wheel ships no example YAML for it, so here is the whole config."""
+    return {
+        "cluster_name": "fake-meerkat", "max_workers": 2, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "provider": {"type": "fake_multinode", "gcs_address": gcs, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},  # nothing to ssh into
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+def gpu_workers(cluster: RayCLICluster) -> int:
+    """Active nodes of type gpu_worker, as `ray status` reports them."""
+    import re
+
+    out = subprocess.run([cluster.ray_bin, "status", f"--address={cluster.gcs}"], env=cluster.env,
+                         capture_output=True, text=True, timeout=60).stdout
+    active = out.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return sum(int(n) for n in re.findall(r"(\d+) gpu_worker", active))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_waits_for_autoscaled_gpu_workers_which_leave_when_idle(tmp_path):
+    """The head has no CPU or GPU for work; GPU workers exist only once the (fake) autoscaler
+    launches them for the trial's placement group. The sweep waits instead of failing, completes,
+    and the idle worker is removed after idle_timeout_minutes."""
+    import time
+
+    import pandas as pd
+    import yaml
+
+    env = cluster_env(tmp_path)
+    head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    config = tmp_path / "autoscaling.yaml"
+    cluster = RayCLICluster(env)
+    config.write_text(yaml.safe_dump(fake_autoscaling_config(cluster.gcs, idle_timeout_minutes=0.1)))
+    cluster.head(f"--autoscaling-config={config}", env=head_env)
+    try:
+        assert gpu_workers(cluster) == 0
+        sweep = subprocess.run(
+            [str(Path(sys.executable).parent / "meerkat-ray"), "tune", str(HERE.parent / "tune_configs" / "smoke.yaml"),
+             "grid.mask.density=[0.01]", "grid.fed.local_steps=[2]", "mask.cache=false", "model.num_threads=1",
+             "ray.gpus_per_client=1", f"ray.address={cluster.gcs}", f"tune.output_dir={tmp_path}", "--quiet"],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[:5000]
+        launched = gpu_workers(cluster)
+        deadline = time.monotonic() + 90
+        while gpu_workers(cluster) and time.monotonic() < deadline:
+            time.sleep(1)
+        left = gpu_workers(cluster)
+    finally:
+        cluster.stop()
+    table = pd.read_parquet(tmp_path / "smoke" / "results.parquet")
+    assert len(table) == 1 and table["status"].tolist() == ["done"]
+    assert launched == 1 and left == 0
