@@ -80,13 +80,28 @@ def metrics_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.fixture(scope="module")
+def tracked_run(mlflow_server, tmp_path_factory):
+    """One tiny run logged to the MLflow server and to W&B offline at once (one run, two readers)."""
+    folder = tmp_path_factory.mktemp("tracked")
+    mode = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        assert main(["run", *TINY, "name=tracked", f"output_dir={folder}", f"tracking.mlflow_uri={mlflow_server}",
+                     "tracking.mlflow_experiment=runs", "tracking.wandb_project=meerkat", "--quiet"]) == 0
+    finally:
+        if mode is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = mode
+    return folder / "tracked"
+
+
 @pytest.mark.slow
-def test_a_run_is_logged_to_a_real_mlflow_server(mlflow_server, tmp_path):
+def test_a_run_is_logged_to_a_real_mlflow_server(mlflow_server, tracked_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    assert main(["run", *TINY, "name=tracked", f"output_dir={tmp_path}", f"tracking.mlflow_uri={mlflow_server}",
-                 "tracking.mlflow_experiment=runs", "--quiet"]) == 0
-    run_dir = tmp_path / "tracked"
+    run_dir = tracked_run
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("runs")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -195,10 +210,8 @@ def wandb_records(path: Path):
 
 
 @pytest.mark.slow
-def test_a_wandb_offline_run_holds_the_config_and_every_round(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert main(["run", *TINY, "name=wb", f"output_dir={tmp_path}", "tracking.wandb_project=meerkat", "--quiet"]) == 0
-    run_dir = tmp_path / "wb"
+def test_a_wandb_offline_run_holds_the_config_and_every_round(tracked_run):
+    run_dir = tracked_run
     wandb_id = json.loads((run_dir / "tracking.json").read_text())["wandb_run_id"]
     (file,) = (run_dir / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb")
     records = list(wandb_records(file))
@@ -206,7 +219,7 @@ def test_a_wandb_offline_run_holds_the_config_and_every_round(tmp_path, monkeypa
     assert "run" in kinds and kinds.count("exit") == 1
 
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert run.project == "meerkat" and run.display_name == "wb"
+    assert run.project == "meerkat" and run.display_name == "tracked"
     logged_config = {item.key: json.loads(item.value_json) for item in run.config.update}
     config = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()))
     for key in ("zo.lr", "fed.rounds", "model.name", "data.num_clients"):
