@@ -418,3 +418,56 @@ def test_a_sweep_waits_for_autoscaled_gpu_workers_which_leave_when_idle(tmp_path
     table = pd.read_parquet(tmp_path / "smoke" / "results.parquet")
     assert len(table) == 1 and table["status"].tolist() == ["done"]
     assert launched == 1 and left == 0
+
+
+# ----------------------------------------------------------------------------- a sweep loses a node
+
+NODE_SWEEP = ["grid.mask.density=[0.01]", "grid.fed.local_steps=[2]", "grid.seed=[0,1]", "fed.rounds=4",
+              "mask.cache=false", "model.num_threads=1", "ray.cpus_per_client=2", "tune.max_failures=2"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_survives_a_lost_node_with_the_results_of_a_fault_free_one(tmp_path):
+    """Two trials, one per worker node, run folders at a file:// URI and each node with its own
+    scratch folder. The node of the first trial to report round 2 is removed under it; Tune
+    retries that trial from its round-2 checkpoint on the node left, downloading its run folder.
+    The results table holds what a fault-free sweep gives: each trial's row and run folder equal
+    a straight run of its grid point, bit for bit."""
+    import io
+
+    import pandas as pd
+
+    from meerkat_ray.storage import resolve
+    from meerkat_ray.sweep import load_sweep, point_config
+
+    sweep_file = str(HERE.parent / "tune_configs" / "smoke.yaml")
+    uri = f"file://{tmp_path / 'store'}"
+    scenario("lost-node-sweep", tmp_path, sweep_file, *NODE_SWEEP, f"tune.output_dir={uri}", timeout_s=400)
+    events = json.loads((tmp_path / "events.json").read_text())
+    assert events["node"] and events["trial"] and events["errors"] == []
+    table = pd.read_parquet(tmp_path / "results.parquet")
+    assert len(table) == 2 and (table["status"] == "done").all() and (table["rounds_done"] == 4).all()
+    lost = table[table["trial_id"].str.startswith(events["trial"])]
+    assert len(lost) == 1  # the trial whose node was removed finished too
+
+    sweep = load_sweep(sweep_file, [*NODE_SWEEP, f"tune.output_dir={tmp_path}"])
+    for point in sweep.points:
+        cfg = point_config(sweep.base, point)
+        cfg.name, cfg.output_dir = f"straight-{point['seed']}", str(tmp_path)
+        summary = run_experiment(cfg, progress=False)
+        row = table[table["seed"] == point["seed"]].iloc[0]
+        for column, key in (("final_accuracy", "final_accuracy"), ("best_accuracy", "best_accuracy"),
+                            ("final_test_loss", "final_test_loss"), ("uplink_bytes", "uplink_bytes"),
+                            ("downlink_bytes", "downlink_bytes")):
+            assert row[column] == summary[key], (column, row[column], summary[key])
+        assert list(row["flagged_clients"]) == list(summary["flagged_clients"])
+        stored = resolve(row["run_dir"], "run_dir")
+        assert stored.read_bytes("sparse_final.safetensors") == (cfg.run_dir / "sparse_final.safetensors").read_bytes()
+        assert pd.read_parquet(io.BytesIO(stored.read_bytes("path.parquet"))).equals(read_path(cfg.run_dir))
+        rounds = [json.loads(line)["round"] for line in stored.read_bytes("metrics.jsonl").splitlines()]
+        assert rounds == [0, 1, 2, 3, 4]
+    # the node left cleaned up after both trials; the lost node kept what it had (gone with it on a cloud)
+    left = ({"scratch-0", "scratch-1"} - {events["lost_scratch"]}).pop()
+    assert not [p for p in (tmp_path / left).rglob("*") if p.is_file()]
+    assert [p for p in (tmp_path / events["lost_scratch"]).rglob("*") if p.name == "config.yaml"]
