@@ -471,3 +471,39 @@ def test_a_sweep_survives_a_lost_node_with_the_results_of_a_fault_free_one(tmp_p
     left = ({"scratch-0", "scratch-1"} - {events["lost_scratch"]}).pop()
     assert not [p for p in (tmp_path / left).rglob("*") if p.is_file()]
     assert [p for p in (tmp_path / events["lost_scratch"]).rglob("*") if p.name == "config.yaml"]
+
+
+# ----------------------------------------------------------------------------- storage URIs, without Ray
+
+@pytest.mark.parametrize("argv,key", [(["run", "output_dir=nope://x"], "output_dir"),
+                                      (["tune", str(HERE.parent / "tune_configs" / "smoke.yaml"),
+                                        "tune.output_dir=nope://x"], "tune.output_dir")])
+def test_a_storage_uri_pyarrow_cannot_open_is_refused_before_ray_starts(monkeypatch, capsys, argv, key):
+    import ray
+
+    from meerkat_ray.cli import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init reached with a bad storage URI"))
+    assert main([*argv, *([] if argv[0] == "tune" else RUN), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {key}: cannot open 'nope://x'"), err
+
+
+@pytest.mark.slow
+def test_a_run_at_a_file_uri_is_uploaded_resumed_analyzed_and_exported_from_it(calm, tmp_path, monkeypatch):
+    """output_dir=file://...: the run folder exists only at the URI afterwards (the scratch copy is
+    gone), equals the same run written to a plain folder, and run --resume, analyze and export
+    take the URI."""
+    from meerkat_ray.cli import main
+
+    monkeypatch.setenv("MEERKAT_RAY_SCRATCH", str(tmp_path / "scratch"))
+    store = tmp_path / "store"
+    assert main(["run", *RUN, "ray.backend=local", "model.num_threads=1", "name=calm",
+                 f"output_dir=file://{store}", "--quiet"]) == 0
+    assert_same_run(calm, store / "calm")
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]
+    assert main(["run", "--resume", f"file://{store}/calm", "--quiet"]) == 0  # finished: rewrites the same
+    assert_same_run(calm, store / "calm")
+    assert main(["analyze", f"file://{store}/calm"]) == 0 and (store / "calm" / "analysis" / "report.html").is_file()
+    assert main(["export", f"file://{store}/calm", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
