@@ -249,16 +249,19 @@ def test_a_wandb_offline_run_holds_the_config_and_every_round(tracked_run):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_random_search_nests_its_trials_under_the_sweeps_mlflow_run(ray_cluster, mlflow_server, tmp_path):
+def test_a_random_search_nests_its_trials_under_the_sweeps_mlflow_run(ray_cluster, mlflow_server, tmp_path,
+                                                                      monkeypatch):
     """The tiny random search end to end, tracked: one parent run for the sweep, one child per
-    trial (params with the sampled values, per-round metrics), the parent's best-so-far curve."""
+    trial (params with the sampled values, per-round metrics), the parent's best-so-far curve;
+    W&B offline runs in the trials' folders, grouped by the sweep's name."""
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the trials inherit it from the driver's cluster
     root = Path(__file__).resolve().parents[1]
     assert main(["tune", str(root / "tune_configs" / "smoke_search.yaml"), f"tune.output_dir={tmp_path}",
                  f"base.tracking.mlflow_uri={mlflow_server}", "base.tracking.mlflow_experiment=sweeps",
-                 "base.mask.cache=false", "--quiet"]) == 0
+                 "base.tracking.wandb_project=sweeps", "base.mask.cache=false", "--quiet"]) == 0
     folder = tmp_path / "smoke_search"
     table = pd.read_parquet(folder / "results.parquet")
     assert len(table) == 2 and (table["status"] == "done").all()
@@ -282,6 +285,10 @@ def test_a_random_search_nests_its_trials_under_the_sweeps_mlflow_run(ray_cluste
                                     key=lambda m: m.step)]
     assert best == pytest.approx([finals[0], max(finals)])
     assert {"results.csv", "sweep.yaml", "analysis"} <= {a.path for a in client.list_artifacts(parent_id)}
+    for run_dir in table["run_dir"]:
+        (file,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+        run = next(r.run for r in wandb_records(file) if r.WhichOneof("record_type") == "run")
+        assert run.run_group == "smoke_search" and run.display_name == Path(run_dir).name
 
 
 @pytest.mark.slow
