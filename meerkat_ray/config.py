@@ -67,7 +67,7 @@ class ZOConfig:
 class FedConfig:
     rounds: int = 4                # R
     local_steps: int = 8           # T: local ZO steps per client per round
-    first_round_steps: int = 0     # local steps of round 1; 0 = T, or vp.calib_steps when Meerkat-vp calibrates in round 1
+    first_round_steps: int = 0     # local steps of round 1; 0 = T (at least vp.calib_steps when Meerkat-vp calibrates in round 1)
     seed_sharing: str = "round"    # round: one seed list per round for all clients | client: seeds per client
     eval_every: int = 4            # evaluate the global model every E rounds (and always after the last)
     aggregation: str = "mean"      # mean (FedAvg) | median | trimmed_mean: per shared seed, over the clients' scalars
@@ -78,13 +78,14 @@ class FedConfig:
 class VPConfig:
     enabled: bool = True           # Meerkat-vp: flag extreme non-IID clients from GradIP and early-stop them
     policy: str = "gradip"         # gradip (VPCS) | random (stop as many clients, chosen at random)
-    sigma: float = 0.5             # a step is quiet when |GradIP| < sigma * population reference
-    rho: float = 2.0               # flag when |GradIP| early / late (vp.statistic) exceeds rho ...
-    min_quiet_fraction: float = 0.6  # ... and the late phase has at least this fraction of quiet steps
+    sigma: float = 0.55            # a step is quiet when |GradIP| < sigma * population reference
+    rho: float = 1.0               # flag when |GradIP| early / late (vp.statistic) exceeds rho ...
+    min_quiet_fraction: float = 0.5  # ... and the late phase has more than this fraction of quiet steps
     calibration: str = "first_round"  # first_round: round 1 runs calib_steps uninterrupted steps, aggregated as usual |
                                       # probe: the same round 1, its update discarded | rounds: calib_steps spread over T-step rounds
     calib_steps: int = 30          # local steps per client recorded before deciding (paper: ~50-100)
     statistic: str = "median"      # mean | median: how the early and late phases of |GradIP| are summarised
+    reference: str = "late"        # population reference for "quiet": median over clients of S(late) | S(early)
     early_fraction: float = 0.2    # first part of the calibration trajectory used as the "early" phase
     late_fraction: float = 0.5     # last part used as the "late" phase
 
@@ -147,6 +148,7 @@ CHOICES = {
     "vp.policy": ("gradip", "random"),
     "vp.calibration": ("first_round", "probe", "rounds"),
     "vp.statistic": ("mean", "median"),
+    "vp.reference": ("late", "early"),
     "ray.backend": ("local", "ray"),
 }
 
@@ -309,8 +311,8 @@ def round_steps(cfg: Config, round_: int) -> int:
     if round_ == 1:
         if cfg.fed.first_round_steps:
             return cfg.fed.first_round_steps
-        if cfg.vp.enabled and cfg.vp.calibration != "rounds":
-            return cfg.vp.calib_steps
+        if cfg.vp.enabled and cfg.vp.calibration != "rounds":  # at least calib_steps uninterrupted steps
+            return max(cfg.vp.calib_steps, cfg.fed.local_steps)
     return cfg.fed.local_steps
 
 

@@ -6,7 +6,9 @@ VPCS on each client's calibration trajectory a_t = |GradIP_k^t|, t < calib_steps
     early  = first `early_fraction` of the steps, late = last `late_fraction`
     S      = the phase statistic, `vp.statistic`: mean or median (|GradIP| is heavy-tailed: single
              steps of 60-100 among values of 1-10, so a mean over a few early steps is one outlier)
-    ref    = median over clients of S(early)               (population reference: sigma is scale-free)
+    ref    = median over clients of S(late) (vp.reference=late) or of S(early)   (sigma is scale-free;
+             measured: in 30 steps from the pre-trained model *every* client's |GradIP| falls as the
+             model's label bias is corrected, so the late level of the population is the fair yardstick)
     rho_later_k = S(early_k) / S(late_k)
     quiet_k     = fraction of late steps with a_t < sigma * ref
 A client is flagged extreme non-IID when rho_later_k > rho and quiet_k > min_quiet_fraction; it is
@@ -48,14 +50,13 @@ def vpcs_statistics(trajectories: dict[int, np.ndarray], cfg: VPConfig) -> dict[
     n_early, n_late = phase_lengths(steps, cfg.early_fraction, cfg.late_fraction)
     summarise = STATISTICS[cfg.statistic]
     early = {k: summarise(v[:n_early]) for k, v in absolute.items()}
-    reference = float(np.median(list(early.values())))
+    late = {k: summarise(v[steps - n_late: steps]) for k, v in absolute.items()}
+    reference = float(np.median(list((late if cfg.reference == "late" else early).values())))
     stats = {}
     for k, v in absolute.items():
-        late = v[steps - n_late: steps]
-        late_stat = summarise(late)
-        rho_later = early[k] / late_stat if late_stat > 0 else float("inf")
-        quiet = float((late < cfg.sigma * reference).mean())
-        stats[k] = VPCSStats(rho_later, quiet, early[k], late_stat)
+        rho_later = early[k] / late[k] if late[k] > 0 else float("inf")
+        quiet = float((v[steps - n_late: steps] < cfg.sigma * reference).mean())
+        stats[k] = VPCSStats(rho_later, quiet, early[k], late[k])
     return stats
 
 

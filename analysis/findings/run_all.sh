@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # run_all.sh - the exact commands behind analysis/findings/README.md, in the order they were run.
 #
-#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 c c2 d d2 figures (default: a d b b5 c c2 d2 figures)
+#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 c c2 d d2 e e2 f figures
+#                                               (default: a b b5 c c2 e e2 f figures; d, d2: the old (d))
 #
 # Run from anywhere inside the repository. Run folders go to runs/findings/<part>/ (git-ignored);
 # a run whose summary.json already exists is skipped, so the script can be re-run after an
@@ -26,6 +27,15 @@ s = json.load(open(sys.argv[1]))
 print(f"   zero-shot {s['zero_shot_accuracy']:.3f}  final {s['final_accuracy']:.3f}  "
       f"test loss {s['final_test_loss']:.4f}  flagged {s['flagged_clients']}  wall {s['total_wall_s']:.0f} s")
 PY
+}
+
+run_default() {  # run_default PART NAME [key=value ...]: the embedded default (`meerkat-ray run`), locally
+  local part=$1 name=$2; shift 2
+  local out=runs/findings/$part
+  if [[ -f $out/$name/summary.json ]]; then echo "skip $part/$name (done)"; return; fi
+  rm -rf "${out:?}/$name"
+  echo "== $part/$name"
+  .venv/bin/meerkat-ray run "output_dir=$out" "name=$name" ray.backend=local model.num_threads=1 "$@" --quiet
 }
 
 locked() {  # locked FUNCTION: run a batch of runs while holding the CPU lock
@@ -108,12 +118,31 @@ d_seed() {
   run d vp "d-random-s$1" seed="$1" vp.policy=random
 }
 
+# (e) VPCS flagging on the embedded default over 5 seeds (each seed another partition and draw);
+# the decision is made at the end of round 1 (first_round calibration), so round 1 is all it needs.
+part_e() { for s in 0 1 2 3 4; do locked run_default e "e-default-s$s" seed="$s" fed.rounds=1 fed.eval_every=1; done; }
+# (e2) a setting the defaults were not chosen on: 3-class tweets, 8 clients, 2 of them single-label.
+part_e2() {
+  for s in 0 1 2; do
+    locked run_default e "e-tweets3-s$s" seed="$s" data.task=tweets data.num_clients=8 \
+      data.extreme_fraction=0.25 fed.rounds=1 fed.eval_every=1
+  done
+}
+# (f) the paper's claim (4) on the embedded default, at equal steps per client: Meerkat-vp, random
+# early stopping (as many clients), and Meerkat with the same 30-step first round (VPCS off).
+part_f() { for s in 0 1 2; do locked f_seed "$s"; done; }
+f_seed() {
+  run_default f "f-vp-s$1" seed="$1"
+  run_default f "f-random-s$1" seed="$1" vp.policy=random
+  run_default f "f-meerkat-s$1" seed="$1" vp.enabled=false fed.first_round_steps=30
+}
+
 # Figures and the tables the findings page quotes.
 part_figures() { .venv/bin/python analysis/findings/figures.py; }
 
 main() {
   local parts=("$@")
-  [[ ${#parts[@]} -gt 0 ]] || parts=(a d b b5 c c2 d2 figures)
+  [[ ${#parts[@]} -gt 0 ]] || parts=(a b b5 c c2 e e2 f figures)
   for part in "${parts[@]}"; do
     declare -F "part_$part" >/dev/null || { echo "error: unknown part '$part'" >&2; exit 2; }
     "part_$part"
