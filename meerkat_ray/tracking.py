@@ -332,18 +332,29 @@ class Tracker:
                                    self.params, self.wandb_id)
 
     def finish(self, summary: dict) -> None:
-        """Artifacts: the run folder's small files and the `analyze` figures and report."""
+        """Artifacts: the run folder's small files and the `analyze` figures and report (from the
+        storage URI where output_dir is one: the local copy is gone by now)."""
         if not (self.mlflow or self.wandb):
             return
+        from .storage import local_copy, run_location
+
+        try:
+            with local_copy(run_location(self.cfg), skip=("tb", "wandb")) as folder:
+                self._finish(summary, Path(folder))
+        except Exception as exc:  # noqa: BLE001 - the download of a stored run folder failed
+            warn(f"{self.cfg.name}: no artifacts tracked, the run folder at {run_location(self.cfg)} could not be "
+                 f"read ({type(exc).__name__}: {str(exc)[:300]})")
+
+    def _finish(self, summary: dict, run_dir: Path) -> None:
         step = int(summary.get("rounds", 0))
         totals = {f"summary.{k}": float(v) for k, v in summary.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         with tempfile.TemporaryDirectory(prefix="meerkat-figures-") as tmp:
-            figures = draw_figures(self.run_dir, Path(tmp))
+            figures = draw_figures(run_dir, Path(tmp))
 
             def close_mlflow():
                 self.mlflow.log(totals, step)
-                self.mlflow.artifacts([self.run_dir / f for f in ARTIFACTS], Path(tmp), "analysis")
+                self.mlflow.artifacts([run_dir / f for f in ARTIFACTS], Path(tmp), "analysis")
                 self.mlflow.end("FINISHED")
 
             def close_wandb():

@@ -378,3 +378,20 @@ def test_a_resumed_sweep_continues_its_parent_run(tmp_path):
     assert client.get_run(first.parent.run_id).info.status == "RUNNING"
     again.finish(table.assign(status="done"), sweep.folder, complete=True)
     assert client.get_run(first.parent.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_run_stored_at_a_uri_logs_its_artifacts_from_there(tmp_path):
+    """output_dir a storage URI: the local copy of the run folder is gone when the run ends, the
+    artifacts come from the stored folder."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    store = f"file://{tmp_path / 'store'}"
+    assert main(["run", *TINY, "name=stored", f"output_dir={store}", f"tracking.mlflow_uri={uri}", "--quiet"]) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("meerkat-ray").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert {"summary.json", "config.yaml", "analysis"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    local = client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))
+    assert json.loads(Path(local).read_text()) == json.loads((tmp_path / "store" / "stored" / "summary.json").read_text())
