@@ -304,7 +304,8 @@ class Tracker:
 
     def on_round(self, round_: int, metrics: dict, last: dict, checkpoint=None) -> None:
         """`federate`'s per-round callback: log the rows of metrics.jsonl not logged yet (round 0,
-        the zero-shot evaluation, comes with round 1; after a resume, from the checkpoint on)."""
+        the zero-shot evaluation, comes with round 1; a resumed run skips the rounds tracking.json
+        says were logged: recomputed after the checkpoint, they hold the same numbers)."""
         if not self.active:
             return
         ids = {}
