@@ -211,8 +211,16 @@ class RayCLICluster:
             raise AssertionError(proc.stdout[-2000:] + proc.stderr[-2000:])
 
     def job(self, *args, timeout_s: int = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([self.ray_bin, "job", *args[:1], "--address", self.address, *args[1:]], env=self.env,
-                              capture_output=True, text=True, timeout=timeout_s)
+        """`ray job ARGS` against this cluster; retried while the head's job agent is still starting."""
+        import time
+
+        deadline = time.monotonic() + 90
+        while True:
+            proc = subprocess.run([self.ray_bin, "job", *args[:1], "--address", self.address, *args[1:]],
+                                  env=self.env, capture_output=True, text=True, timeout=timeout_s)
+            if "No available agent" not in proc.stderr + proc.stdout or time.monotonic() > deadline:
+                return proc
+            time.sleep(1)
 
     def stop(self) -> None:
         import time
@@ -263,8 +271,8 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     node; `ray job submit -- meerkat-ray tune ... tune.output_dir=s3://...`; `ray job stop` midway;
     the same submission with --resume completes it; `ray job logs` show it. The trials write their
     run folders in the worker's scratch folder (a path the driver is never told) and upload them
-    to S3 every round; the results table, analyze, export and run --resume then work from the URI
-    alone, and the worker's scratch folder is left empty."""
+    to S3 every round; the results table and analyze then work from the URI alone, the resumed
+    trial equals a straight run, and the worker's scratch folder is left empty."""
     import io
     import os
     import time
@@ -329,16 +337,9 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     assert stored.read_bytes("sparse_final.safetensors") == (cfg.run_dir / "sparse_final.safetensors").read_bytes()
     assert pd.read_parquet(io.BytesIO(stored.read_bytes("path.parquet"))).equals(read_path(cfg.run_dir))
 
-    # analyze, export and run --resume from the URI
+    # the report from the URI (export and run --resume from a URI: the file:// test below, same code)
     assert main(["analyze", uri_join(s3, "smoke")]) == 0
     assert store.is_file("analysis/report.html")
-    run_uri = table["run_dir"][0]
-    assert main(["export", run_uri, str(tmp_path / "exported")]) == 0
-    assert (tmp_path / "exported" / "config.json").is_file()
-    before = resolve(run_uri, "run_dir").read_bytes("sparse_final.safetensors")
-    assert main(["run", "--resume", run_uri, "--quiet"]) == 0
-    assert resolve(run_uri, "run_dir").read_bytes("sparse_final.safetensors") == before
-
 
 
 # ----------------------------------------------------------------------------- autoscaling
