@@ -102,8 +102,12 @@ class VPState:
         return self.decided_round is not None
 
     def record(self, client: int, grad_ips: list[float]) -> None:
-        if not self.decided:
-            self.trajectories[client].extend(grad_ips)
+        """Keep a client's first `calib_steps` GradIP values while the decision is open: nothing
+        more is ever read, and keeping every step (VPCS off, or steps past the window) grew the
+        server by K x T values per round for the whole run."""
+        trajectory = self.trajectories[client]
+        if self.cfg.enabled and not self.decided:
+            trajectory.extend(grad_ips[: max(0, self.cfg.calib_steps - len(trajectory))])
 
     def maybe_decide(self, round_: int, planned_steps: int) -> bool:
         """Decide after the first round by which every client could have run `calib_steps` steps
