@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import FLAG_ALL, timeless
+import yaml
+from conftest import FLAG_ALL, assert_same_run, timeless
 
 from meerkat_ray.checkpoint import RunCheckpoint
 from meerkat_ray.cli import main
@@ -190,3 +191,69 @@ def test_smoke_sweep_writes_a_four_row_results_table(ray_cluster, tmp_path):
     assert main(args) == 2  # the folder exists: neither resumed nor replaced silently
     assert main([*args, "--resume"]) == 0  # a finished sweep resumes to the same table
     assert pd.read_parquet(folder / "results.parquet").drop(columns="run_dir").equals(table.drop(columns="run_dir"))
+
+
+def trial_runs(folder: Path) -> dict[tuple, Path]:
+    """Trial run folders of a sweep by their grid point (density, local steps)."""
+    from meerkat_ray.config import from_dict
+
+    out = {}
+    for run in (folder / "runs").iterdir():
+        cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+        out[(cfg.mask.density, cfg.fed.local_steps)] = run
+    return out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_whose_driver_is_killed_mid_trial_resumes_to_the_uninterrupted_results(ray_cluster, tmp_path):
+    """`meerkat-ray tune` (a subprocess on the session's cluster, one trial at a time) is SIGKILLed
+    once its first trial has finished round 1 of 3; `tune --resume` finishes the sweep, and every
+    trial's run folder ends bit for bit as the same federation run uninterrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from meerkat_ray.sweep import load_sweep, point_config
+
+    items = [str(ROOT / "tune_configs" / "smoke.yaml"), "grid.fed.local_steps=[2]", "grid.mask.density=[0.001, 0.01]",
+             "fed.rounds=3", "mask.cache=false", "model.num_threads=1", "tune.max_concurrent_trials=1",
+             f"tune.output_dir={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "meerkat_ray", "tune", *items, "--quiet"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"))
+    folder = tmp_path / "smoke"
+
+    def mid_trial() -> bool:  # a trial has written round 1 (of 3) and Tune's experiment state exists
+        states = list((folder / "tune").glob("experiment_state*.json")) if (folder / "tune").is_dir() else []
+        for metrics in (folder / "runs").glob("*/metrics.jsonl") if (folder / "runs").is_dir() else []:
+            rounds = [json.loads(line)["round"] for line in metrics.read_text().splitlines() if line.strip()]
+            if states and 1 in rounds and 3 not in rounds:
+                return True
+        return False
+
+    deadline = time.monotonic() + 300
+    while driver.poll() is None and not mid_trial() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+    assert not (folder / "results.parquet").exists()  # it really stopped before the end
+    finished = [r for r in (folder / "runs").iterdir() if (r / "summary.json").is_file()]
+    assert len(finished) < 2
+
+    assert main(["tune", *items, "--resume", "--quiet"]) == 0
+    table = pd.read_parquet(folder / "results.parquet")
+    assert len(table) == 2 and (table["status"] == "done").all() and (table["rounds_done"] == 3).all()
+    sweep = load_sweep(items[0], items[1:])
+    trials = trial_runs(folder)
+    assert len(trials) == 2
+    for point in sweep.points:
+        cfg = point_config(sweep.base, point)
+        cfg.name, cfg.output_dir = f"straight-{point['mask.density']}", str(tmp_path / "straight")
+        run_experiment(cfg, progress=False)
+        assert_same_run(cfg.run_dir, trials[(point["mask.density"], point["fed.local_steps"])])
+    assert ray_cluster.is_initialized()
