@@ -202,6 +202,7 @@ class RayCLICluster:
                 return sock.getsockname()[1]
 
         self.temp = tempfile.mkdtemp(prefix="mrj", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.free_port = free_port
         self.port, self.dashboard = free_port(), free_port()
         self.gcs, self.env = f"127.0.0.1:{self.port}", env
         self.ray_bin, self.address = str(Path(sys.executable).parent / "ray"), f"http://127.0.0.1:{self.dashboard}"
@@ -216,7 +217,11 @@ class RayCLICluster:
         return self
 
     def _start(self, env: dict, *args: str) -> None:
-        proc = subprocess.run([self.ray_bin, "start", *args, "--node-ip-address=127.0.0.1", "--num-gpus=0",
+        # every port private: the defaults (52365 for the job agent ...) may belong to another Ray here
+        ports = [f"--{name}={self.free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                            "runtime-env-agent-port", "metrics-export-port",
+                                                            "ray-client-server-port")]
+        proc = subprocess.run([self.ray_bin, "start", *args, *ports, "--node-ip-address=127.0.0.1", "--num-gpus=0",
                                "--disable-usage-stats", f"--temp-dir={self.temp}"], env=env, capture_output=True,
                               text=True, timeout=120)
         if proc.returncode:
