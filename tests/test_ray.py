@@ -74,7 +74,7 @@ def test_ray_backend_is_bit_identical_to_local(ray_cluster, local_run, tmp_path,
 def round_one():
     """Round-1 plans of a 16-client federation and the results of an in-process worker."""
     cfg = config("data.num_clients=16", "ray.backend=ray", "ray.num_actors=8", "ray.gpus_per_client=0.25",
-                 "ray.cpus_per_client=0.125")
+                 "ray.cpus_per_client=0.125", "vp.enabled=false")  # ~7 examples a client: too few to calibrate
     data = prepare_data(cfg)
     lm, mask, theta = prepare_model(cfg, progress=False)
     plans = Server(cfg, theta, mask.pretrain_grad, data.client_sizes).plan_round(1)

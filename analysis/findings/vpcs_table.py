@@ -1,7 +1,7 @@
 """VPCS statistics recomputed from run folders alone (path.parquet, clients.json, config.yaml).
 
     .venv/bin/python analysis/findings/vpcs_table.py RUN_DIR [RUN_DIR ...] [--statistic mean|median]
-        [--sigma S] [--rho R] [--min-quiet Q] [--markdown]
+        [--reference late|early] [--sigma S] [--rho R] [--min-quiet Q] [--markdown]
 
 For each run: every client's calibration trajectory (its first vp.calib_steps GradIP values, rounds
 and steps in order), rho_later = S(early) / S(late) and the quiet fraction of the late phase below
@@ -26,7 +26,7 @@ def phases(steps: int, early_fraction: float, late_fraction: float) -> tuple[int
     return early, max(1, min(steps - early, round(late_fraction * steps)))
 
 
-def statistics(run_dir: Path, statistic: str | None = None) -> tuple[dict, dict]:
+def statistics(run_dir: Path, statistic: str | None = None, reference: str | None = None) -> tuple[dict, dict]:
     """client -> its rho_later, late phase and the population reference; plus the run's vp config."""
     vp = yaml.safe_load((run_dir / "config.yaml").read_text())["vp"]
     stat = np.median if (statistic or vp.get("statistic", "mean")) == "median" else np.mean
@@ -37,7 +37,7 @@ def statistics(run_dir: Path, statistic: str | None = None) -> tuple[dict, dict]
     n_early, n_late = phases(steps, vp["early_fraction"], vp["late_fraction"])
     early = {k: float(stat(v[:n_early])) for k, v in traj.items()}
     late = {k: v[steps - n_late:] for k, v in traj.items()}
-    phase = {k: float(stat(v)) for k, v in late.items()} if vp.get("reference", "early") == "late" else early
+    phase = {k: float(stat(v)) for k, v in late.items()} if (reference or vp.get("reference", "early")) == "late" else early
     reference = float(np.median(list(phase.values())))
     out = {k: {"rho_later": early[k] / float(stat(late[k])), "late": late[k], "reference": reference}
            for k in traj}
@@ -62,13 +62,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--statistic", choices=("mean", "median"))
+    ap.add_argument("--reference", choices=("late", "early"))
     ap.add_argument("--sigma", type=float)
     ap.add_argument("--rho", type=float)
     ap.add_argument("--min-quiet", type=float)
     ap.add_argument("--markdown", action="store_true", help="one table row per run")
     args = ap.parse_args()
     for run_dir in args.runs:
-        stats, vp = statistics(run_dir, args.statistic)
+        stats, vp = statistics(run_dir, args.statistic, args.reference)
         sigma = args.sigma if args.sigma is not None else vp["sigma"]
         rho = args.rho if args.rho is not None else vp["rho"]
         min_quiet = args.min_quiet if args.min_quiet is not None else vp["min_quiet_fraction"]
