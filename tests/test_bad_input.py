@@ -91,6 +91,7 @@ CONTRACT_CHOICES = {
     "vp.policy": {"gradip", "random"},
     "vp.calibration": {"first_round", "probe", "rounds"},
     "vp.statistic": {"mean", "median"},
+    "vp.reference": {"late", "early"},
     "ray.backend": {"ray", "local"},
 }
 NUMERIC = sorted(k for k, t in LEAVES.items() if t in (int, float))
