@@ -139,14 +139,16 @@ def rolling_abs(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def quiet_threshold(run: Run) -> float | None:
-    """sigma x the population reference (median over clients of their early-phase |GradIP| statistic)."""
+    """sigma x the population reference: the median over clients of their late-phase |GradIP|
+    statistic (vp.reference=late), or of their early-phase one (early; runs older than the key)."""
     stats = (run.summary or {}).get("vpcs") or {}
-    early = [s.get("early", s.get("early_mean")) for s in stats.values() if isinstance(s, dict)]  # early_mean: older runs
-    early = [v for v in early if v is not None]
+    phase = run.get("vp.reference", "early")
+    values = [s.get(phase, s.get(f"{phase}_mean")) for s in stats.values() if isinstance(s, dict)]  # *_mean: older runs
+    values = [v for v in values if v is not None]
     sigma = run.get("vp.sigma")
-    if not early or sigma is None:
+    if not values or sigma is None:
         return None
-    return float(sigma) * float(np.median(early))
+    return float(sigma) * float(np.median(values))
 
 
 def grad_ip(run: Run, title: str) -> plt.Figure | None:
