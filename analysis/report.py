@@ -225,7 +225,7 @@ class _Builder:
         for x, y in self.heatmap_pairs():
             values = ["final_accuracy"]
             if "vp.sigma" in (x, y) or "vp.rho" in (x, y):
-                values += [v for v in ("flag_precision", "flag_recall") if self.table[v].notna().any()]
+                values += [v for v in ("final_test_loss", "flag_precision", "flag_recall") if self.table[v].notna().any()]
             for value in values:
                 fig = figures.heatmap(self.table, x, y, value, _axis_name(x), _axis_name(y))
                 parts.append(self.save(fig, f"heatmap_{_safe(value)}_{_safe(x)}_{_safe(y)}.png",

@@ -108,11 +108,12 @@ def tiny_mask(tiny_lm):
 def ray_cluster():
     """One real local Ray cluster for the whole session (ray.init costs 5-15 s): 2 CPUs and 2
     logical GPUs, so fractional-GPU placement is exercised on a CPU machine. Code under test that
-    calls `federation.connect` finds it initialised and uses it instead of starting another."""
+    calls `federation.connect` finds it initialised and uses it instead of starting another.
+    address="local": always a fresh instance, never a cluster someone started on this machine."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

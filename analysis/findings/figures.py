@@ -165,7 +165,8 @@ def part_b(root: Path, out: Path) -> None:
     ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("test accuracy (200 tweets, ± 1 s.e.)")
+    n_test = next(iter(groups.values()))[0]["summary"]["num_test"]
+    ax.set_ylabel(f"test accuracy ({n_test} tweets, ± 1 s.e.)")
     ax.set_title("Masks at equal steps (3 clients, Dirichlet α=0.5, T=5, R=3): accuracy vs lr")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -227,7 +228,8 @@ def bar_plot(groups: dict, file: Path, title: str, xlabel: str, loss: bool = Fal
     ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f}")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (200 tweets, ± 1 s.e.)")
+    n_test = next(iter(groups.values()))[0]["summary"]["num_test"]
+    ax.set_ylabel(f"test accuracy ({n_test} tweets, ± 1 s.e.)")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="lower right")
@@ -266,12 +268,8 @@ def part_d(root: Path, out: Path) -> None:
     if not runs:
         return
 
-    def label(r):
-        vp = r["cfg"]["vp"]
-        return "Meerkat" if not vp["enabled"] else ("Meerkat-vp" if vp["policy"] == "gradip" else "random stop")
-
     order = {"Meerkat": 0, "Meerkat-vp": 1, "random stop": 2}
-    groups = grouped(sorted(runs, key=lambda r: order[label(r)]), label)
+    groups = grouped(sorted(runs, key=lambda r: order[method_label(r)]), method_label)
     seed_table("(d) Meerkat vs Meerkat-vp vs random early stopping (mixed partition)", groups)
     print("\nVPCS statistics per run (decided after round 3 on 15 steps per client):\n")
     for r in runs:
@@ -282,13 +280,47 @@ def part_d(root: Path, out: Path) -> None:
     bar_plot(groups, out / "d_vp.png", "Early stopping on a mixed partition (4 clients, 2 single-label)", "method")
 
 
+def method_label(r: dict) -> str:
+    vp = r["cfg"]["vp"]
+    return "Meerkat" if not vp["enabled"] else ("Meerkat-vp" if vp["policy"] == "gradip" else "random stop")
+
+
+def part_f(root: Path, out: Path) -> None:
+    """The accuracy claim on the embedded default: per seed, then mean ± s.e. over seeds."""
+    runs = runs_of(root / "f")
+    if not runs:
+        return
+    order = {"Meerkat": 0, "Meerkat-vp": 1, "random stop": 2}
+    groups = grouped(sorted(runs, key=lambda r: order[method_label(r)]), method_label)
+    seed_table("(f) Meerkat vs Meerkat-vp vs random early stopping (embedded default)", groups)
+    print("\n| method | seeds | final accuracy, mean ± s.e. over seeds | final test loss, mean ± s.e. | "
+          "local steps (mean) | flagging precision / recall (pooled) |")
+    print("|---|---|---|---|---|---|")
+    for label, group in groups.items():
+        acc = np.array([r["summary"]["final_accuracy"] for r in group])
+        loss = np.array([r["summary"]["final_test_loss"] for r in group])
+        steps = np.mean([r["summary"]["local_steps"] for r in group])
+        n = len(group)
+        sem = (lambda v: float(np.std(v, ddof=1) / math.sqrt(n))) if n > 1 else (lambda v: float("nan"))
+        flags = [r["summary"].get("flagging") for r in group if r["summary"].get("flagging")]
+        if flags:
+            tp, fp, fn = (sum(f[k] for f in flags) for k in ("true_positives", "false_positives", "false_negatives"))
+            quality = f"{tp}/{tp + fp} / {tp}/{tp + fn}"
+        else:
+            quality = "-"
+        print(f"| {label} | {n} | {acc.mean():.3f} ± {sem(acc):.3f} | {loss.mean():.4f} ± {sem(loss):.4f} | "
+              f"{steps:.0f} | {quality} |")
+    bar_plot(groups, out / "f_vp.png", "Early stopping on the embedded default (6 clients, 2 single-label)",
+             "method", loss=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/findings", help="folder holding the parts' run folders")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="where the PNGs go")
     args = parser.parse_args()
     root, out = Path(args.runs), Path(args.out)
-    for part in (part_a, part_b, part_c, part_d):
+    for part in (part_a, part_b, part_c, part_d, part_f):
         part(root, out)
 
 

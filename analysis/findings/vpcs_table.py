@@ -2,13 +2,16 @@
 
     .venv/bin/python analysis/findings/vpcs_table.py RUN_DIR [RUN_DIR ...] [--statistic mean|median]
         [--reference late|early] [--sigma S] [--rho R] [--min-quiet Q] [--markdown]
+        [--grid-sigma S1,S2,... --grid-rho R1,R2,...]
 
 For each run: every client's calibration trajectory (its first vp.calib_steps GradIP values, rounds
 and steps in order), rho_later = S(early) / S(late) and the quiet fraction of the late phase below
 sigma x the median over clients of S(late) (vp.reference=late; S(early) for early), with S the chosen statistic; the flags that follow
 from the thresholds, and precision / recall against clients.json's truly extreme clients. Written
 from MEERKAT.md section 1 without the training code, so it doubles as an audit of summary.json.
-Thresholds default to each run's own config.
+Thresholds default to each run's own config. With --grid-sigma and --grid-rho: one markdown table
+of flagging precision and recall pooled over all the runs, per (sigma, rho) cell (the decision
+depends on the calibration round alone, which every cell shares).
 """
 from __future__ import annotations
 
@@ -58,6 +61,28 @@ def quality(flagged: list[int], extreme: list[int]) -> tuple[float | None, float
     return (hits / len(flagged) if flagged else None), (hits / len(extreme) if extreme else None)
 
 
+def grid(runs: list[Path], sigmas: list[float], rhos: list[float], args) -> None:
+    """Pooled precision / recall over the runs for every (sigma, rho)."""
+    loaded = []
+    for run_dir in runs:
+        stats, vp = statistics(run_dir, args.statistic, args.reference)
+        extreme = [c["client"] for c in json.loads((run_dir / "clients.json").read_text()) if c["extreme"]]
+        loaded.append((stats, vp, extreme))
+    print("| σ \\ ρ | " + " | ".join(f"{r:g}" for r in rhos) + " |")
+    print("|---|" + "---|" * len(rhos))
+    for sigma in sigmas:
+        cells = []
+        for rho in rhos:
+            tp = fp = fn = 0
+            for stats, vp, extreme in loaded:
+                min_quiet = args.min_quiet if args.min_quiet is not None else vp["min_quiet_fraction"]
+                flagged, _ = decide(stats, sigma, rho, min_quiet)
+                hits = len(set(flagged) & set(extreme))
+                tp, fp, fn = tp + hits, fp + len(flagged) - hits, fn + len(extreme) - hits
+            cells.append(f"P {tp}/{tp + fp}, R {tp}/{tp + fn}")
+        print(f"| {sigma:g} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -67,7 +92,14 @@ def main() -> None:
     ap.add_argument("--rho", type=float)
     ap.add_argument("--min-quiet", type=float)
     ap.add_argument("--markdown", action="store_true", help="one table row per run")
+    ap.add_argument("--grid-sigma", help="comma-separated sigmas: a pooled precision / recall table")
+    ap.add_argument("--grid-rho", help="comma-separated rhos (with --grid-sigma)")
     args = ap.parse_args()
+    if args.grid_sigma or args.grid_rho:
+        if not (args.grid_sigma and args.grid_rho):
+            ap.error("--grid-sigma and --grid-rho go together")
+        grid(args.runs, [float(v) for v in args.grid_sigma.split(",")], [float(v) for v in args.grid_rho.split(",")], args)
+        return
     for run_dir in args.runs:
         stats, vp = statistics(run_dir, args.statistic, args.reference)
         sigma = args.sigma if args.sigma is not None else vp["sigma"]
