@@ -17,6 +17,11 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .gradip import check_calibration
+from .mask_kinds import MASK_SCORES
+from .partition import PARTITIONS
+from .strategies.aggregation import AGGREGATIONS
+from .strategies.policies import POLICIES
 
 
 @dataclass
@@ -72,6 +77,7 @@ class FedConfig:
     eval_every: int = 4            # evaluate the global model every E rounds (and always after the last)
     aggregation: str = "mean"      # mean (FedAvg) | median | trimmed_mean: per shared seed, over the clients' scalars
     trim_fraction: float = 0.1     # trimmed_mean: fraction of the lowest and of the highest scalars dropped per seed
+    clients_per_round: int = 0     # clients sampled uniformly per round (seeded by run seed and round); 0 = all
 
 
 @dataclass
@@ -141,12 +147,12 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "data.partition": ("iid", "dirichlet", "extreme", "mixed"),
-    "mask.kind": ("pretrain_grad", "weight_magnitude", "random", "full"),
+    "data.partition": tuple(PARTITIONS),
+    "mask.kind": tuple(MASK_SCORES),
     "mask.calib_corpus": ("pydoc", "c4"),
     "fed.seed_sharing": ("round", "client"),
-    "fed.aggregation": ("mean", "median", "trimmed_mean"),
-    "vp.policy": ("gradip", "random"),
+    "fed.aggregation": tuple(AGGREGATIONS),  # the registries: a new variant is one entry there
+    "vp.policy": tuple(name for name, p in POLICIES.items() if p.choice_of == "vp.policy"),
     "vp.calibration": ("first_round", "probe", "rounds"),
     "vp.statistic": ("mean", "median"),
     "vp.reference": ("late", "early"),
@@ -178,6 +184,7 @@ RANGES = [
     ("fed.first_round_steps", lambda v: v >= 0, ">= 0"),
     ("fed.eval_every", lambda v: v >= 1, ">= 1"),
     ("fed.trim_fraction", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
+    ("fed.clients_per_round", lambda v: v >= 0, ">= 0"),
     ("vp.sigma", lambda v: v > 0, "> 0"),
     ("vp.rho", lambda v: v > 0, "> 0"),
     ("vp.min_quiet_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
@@ -295,10 +302,9 @@ def validate(cfg: Config) -> Config:
             re.compile(cfg.mask.eligible)
         except re.error as exc:
             raise ConfigError(f"mask.eligible: not a regular expression ({exc})") from None
-    if cfg.fed.aggregation != "mean" and cfg.fed.seed_sharing != "round":
-        raise ConfigError(f"fed.aggregation: {cfg.fed.aggregation} needs fed.seed_sharing=round (robust statistics "
-                          "are taken over the clients' scalars for each shared seed)")
-    _check_calibration(cfg)
+    for variant in [*AGGREGATIONS.values(), *POLICIES.values()]:
+        variant.check(cfg)
+    check_calibration(cfg)
     if cfg.ray.chaos_kill_prob > 0 and cfg.ray.backend != "ray":
         raise ConfigError("ray.chaos_kill_prob: kills client actors, so it needs ray.backend=ray")
     if cfg.tracking.mlflow_uri and not MLFLOW_URI.fullmatch(cfg.tracking.mlflow_uri):
@@ -315,24 +321,6 @@ def round_steps(cfg: Config, round_: int) -> int:
         if cfg.vp.enabled and cfg.vp.calibration != "rounds":  # at least calib_steps uninterrupted steps
             return max(cfg.vp.calib_steps, cfg.fed.local_steps)
     return cfg.fed.local_steps
-
-
-def _check_calibration(cfg: Config) -> None:
-    """Meerkat-vp must be able to decide, and early enough to matter (never a silent no-op)."""
-    vp, fed = cfg.vp, cfg.fed
-    if not vp.enabled:
-        return
-    if vp.calibration == "rounds":
-        needed = math.ceil(max(0, vp.calib_steps - round_steps(cfg, 1)) / fed.local_steps) + 1
-        if needed > fed.rounds:
-            raise ConfigError(f"vp.calib_steps: {vp.calib_steps} calibration steps spread over rounds of "
-                              f"{fed.local_steps} need {needed} rounds, the run has fed.rounds={fed.rounds}")
-        return
-    if fed.first_round_steps and fed.first_round_steps < vp.calib_steps:
-        raise ConfigError(f"fed.first_round_steps: {fed.first_round_steps} is shorter than the {vp.calib_steps} "
-                          f"calibration steps vp.calibration={vp.calibration} takes in round 1")
-    if vp.calibration == "probe" and fed.rounds < 2:
-        raise ConfigError("fed.rounds: vp.calibration=probe discards round 1, so the run needs at least 2 rounds")
 
 
 def from_dict(data: dict | None) -> Config:

@@ -12,7 +12,9 @@ VPCS on each client's calibration trajectory a_t = |GradIP_k^t|, t < calib_steps
     rho_later_k = S(early_k) / S(late_k)
     quiet_k     = fraction of late steps with a_t < sigma * ref
 A client is flagged extreme non-IID when rho_later_k > rho and quiet_k > min_quiet_fraction; it is
-then early-stopped (1 local step per round instead of T). Policies are small objects in `POLICIES`.
+then early-stopped (1 local step per round instead of T). Who is stopped is decided by the
+`vp.policy` object (`strategies/policies.py`: gradip = these flags, random = as many at random);
+this module collects the trajectories and computes the statistics the policies read.
 
 The decay shows only on an *uninterrupted* local trajectory (each averaging restarts a client from
 a global model the others pull back), so by default the calibration is round 1, run for
@@ -20,11 +22,16 @@ a global model the others pull back), so by default the calibration is round 1, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import VPConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config, VPConfig
 
 
 @dataclass
@@ -67,30 +74,12 @@ def gradip_flags(stats: dict[int, VPCSStats], cfg: VPConfig) -> list[int]:
     return sorted(k for k, s in stats.items() if s.rho_later > cfg.rho and s.quiet_fraction > cfg.min_quiet_fraction)
 
 
-class GradIPPolicy:
-    """VPCS: flag the clients whose GradIP trajectory decays and stays quiet."""
-
-    def select(self, stats: dict[int, VPCSStats], cfg: VPConfig, rng: np.random.Generator) -> list[int]:
-        return gradip_flags(stats, cfg)
-
-
-class RandomPolicy:
-    """Baseline: early-stop as many clients as VPCS would, chosen uniformly at random."""
-
-    def select(self, stats: dict[int, VPCSStats], cfg: VPConfig, rng: np.random.Generator) -> list[int]:
-        count = len(gradip_flags(stats, cfg))
-        return sorted(int(k) for k in rng.choice(sorted(stats), size=count, replace=False))
-
-
-POLICIES = {"gradip": GradIPPolicy, "random": RandomPolicy}
-
-
 class VPState:
-    """Collects |GradIP| per client until every client has `calib_steps`, then decides once."""
+    """Collects |GradIP| per client until every client has `calib_steps`, then computes the VPCS
+    statistics once; the early-stop policies read them and set `flagged` (the run's stopped set)."""
 
     def __init__(self, cfg: VPConfig, num_clients: int, seed: int):
         self.cfg = cfg
-        self.policy = POLICIES[cfg.policy]()
         self.trajectories: dict[int, list[float]] = {k: [] for k in range(num_clients)}
         self.flagged: list[int] = []
         self.stats: dict[int, VPCSStats] = {}
@@ -123,9 +112,46 @@ class VPState:
         if not window:
             return False
         self.stats = vpcs_statistics(window, self.cfg)
-        self.flagged = self.policy.select(self.stats, self.cfg, self.rng)
         self.decided_round = round_
         return True
+
+    def state_dict(self) -> dict:
+        """JSON-able state for a checkpoint (a decision reads only the first calib_steps of each trajectory)."""
+        steps = self.cfg.calib_steps
+        return {
+            "trajectories": {str(k): [float(v) for v in t[:steps]] for k, t in self.trajectories.items()},
+            "flagged": list(self.flagged),
+            "stats": {str(k): vars(s) for k, s in self.stats.items()},
+            "decided_round": self.decided_round,
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state(self, vp: dict) -> None:
+        self.trajectories = {int(k): list(t) for k, t in vp["trajectories"].items()}
+        self.flagged = list(vp["flagged"])
+        self.stats = {int(k): VPCSStats(**s) for k, s in vp["stats"].items()}
+        self.decided_round = vp["decided_round"]
+        self.rng.bit_generator.state = vp["rng"]
+
+
+def check_calibration(cfg: Config) -> None:
+    """Meerkat-vp must be able to decide, and early enough to matter (never a silent no-op)."""
+    from .config import round_steps
+
+    vp, fed = cfg.vp, cfg.fed
+    if not vp.enabled:
+        return
+    if vp.calibration == "rounds":
+        needed = math.ceil(max(0, vp.calib_steps - round_steps(cfg, 1)) / fed.local_steps) + 1
+        if needed > fed.rounds:
+            raise ConfigError(f"vp.calib_steps: {vp.calib_steps} calibration steps spread over rounds of "
+                              f"{fed.local_steps} need {needed} rounds, the run has fed.rounds={fed.rounds}")
+        return
+    if fed.first_round_steps and fed.first_round_steps < vp.calib_steps:
+        raise ConfigError(f"fed.first_round_steps: {fed.first_round_steps} is shorter than the {vp.calib_steps} "
+                          f"calibration steps vp.calibration={vp.calibration} takes in round 1")
+    if vp.calibration == "probe" and fed.rounds < 2:
+        raise ConfigError("fed.rounds: vp.calibration=probe discards round 1, so the run needs at least 2 rounds")
 
 
 def flag_quality(flagged: list[int], extreme: list[int]) -> dict:

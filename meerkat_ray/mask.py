@@ -3,7 +3,7 @@
 Mask order (the contract every other piece relies on): parameters in `model.named_parameters()`
 order, each contributing its sorted flat indices; n = sum of their counts.
 
-Kinds (registry `MASK_SCORES`): a score per eligible coordinate, then one *global* top-k with
+Kinds (registry `MASK_SCORES`, in `mask_kinds.py`): a score per eligible coordinate, then one *global* top-k with
 k = round(u * eligible):
 - pretrain_grad: E_b[(d loss_b / d w)^2] of the causal-LM loss on a calibration corpus (Meerkat);
 - weight_magnitude: |w|;
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .config import MaskConfig
 from .errors import MeerkatError
+from .mask_kinds import MASK_SCORES
 from .models import LoadedModel
 from .runlog import atomic_path
 
@@ -113,29 +114,6 @@ def calibration_gradients(lm: LoadedModel, params, cfg: MaskConfig, progress: bo
         sq[name].div_(len(batches))
         mean[name].div_(len(batches))
     return sq, mean
-
-
-# ----------------------------------------------------------------------------- kinds
-
-def _scores_pretrain_grad(lm, params, cfg, seed, calib):
-    return calib[0]
-
-
-def _scores_weight_magnitude(lm, params, cfg, seed, calib):
-    return {name: p.detach().reshape(-1).float().abs() for name, p in params}
-
-
-def _scores_random(lm, params, cfg, seed, calib):
-    gen = torch.Generator("cpu").manual_seed(seed)
-    return {name: torch.rand(p.numel(), generator=gen) for name, p in params}
-
-
-MASK_SCORES = {
-    "pretrain_grad": _scores_pretrain_grad,
-    "weight_magnitude": _scores_weight_magnitude,
-    "random": _scores_random,
-    "full": None,  # every eligible coordinate
-}
 
 
 def mask_size(density: float, eligible: int) -> int:

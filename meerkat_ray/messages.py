@@ -10,10 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .path import Term
-
 WORD = 8  # bytes of an id, a seed or a float64 scalar
 LOSS_BYTES = 4  # per-step loss, sent as float32
+
+
+@dataclass
+class Term:
+    """One aggregation term: every process applies theta <- theta - lr * coef * z(seed), in order."""
+    seed: int
+    lr: float
+    coef: float
 
 
 @dataclass

@@ -10,56 +10,26 @@ Aggregation w_{r+1} = sum_k p_k theta_k^{(T_k)} is linear in the z's, so it is a
 Both the server and every client apply the same terms in the same order, so their global values
 agree bit for bit; `replay_path` does the same from `path.parquet` alone.
 
-Robust aggregation (fed.aggregation = median | trimmed_mean, round sharing only): for step t let
-P_t be the accepted clients that ran step t (an early-stopped client runs only step 0) and
-W_t = sum_{k in P_t} p_k. FedAvg's coefficient is W_t times the p-weighted mean of their scalars;
-the robust rules replace that mean by an *unweighted* statistic over P_t (one vote per client, as
-in coordinate-wise median / trimmed mean, so that a client's data size cannot buy it the median):
-    median:       coef_t = W_t * median_{k in P_t} scalar_k^t   (mean of the two middle values when |P_t| is even)
-    trimmed_mean: coef_t = W_t * mean of the scalars left after dropping the floor(beta * |P_t|) lowest and
-                  highest (beta = fed.trim_fraction)
-Keeping W_t means a step that only part of the federation ran moves the model as much as under
-FedAvg. The statistic is computed in float64 on Python floats (sorted), so every process agrees.
+The rules that turn paths into terms (mean | median | trimmed_mean) live in
+`strategies/aggregation.py`.
 """
 from __future__ import annotations
-
-import hashlib
-import math
-from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
+from .messages import Term
+from .seeds import derive_seed
+from .strategies.aggregation import ClientPath, make_rule
 from .zo import perturbation, perturbations
 
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed that is a pure function of its parts (run seed, purpose, round, client, step)."""
-    digest = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+__all__ = ["ClientPath", "Term", "derive_seed"]  # re-exported: their home is a light module
 
 
 def step_seeds(run_seed: int, round_: int, client: int, steps: int, sharing: str) -> list[int]:
     if sharing == "round":  # the paper: one seed list per round, shared by every client
         return [derive_seed(run_seed, "z", round_, t) for t in range(steps)]
     return [derive_seed(run_seed, "z", round_, "client", client, t) for t in range(steps)]
-
-
-@dataclass
-class ClientPath:
-    """One client's accepted virtual path in one round."""
-    client: int
-    weight: float          # p_k in this round's aggregation
-    seeds: list[int]
-    scalars: list[float]
-    lr: float
-
-
-@dataclass
-class Term:
-    seed: int
-    lr: float
-    coef: float
 
 
 def replay_client_(theta: torch.Tensor, seeds, scalars, lr: float) -> torch.Tensor:
@@ -71,51 +41,13 @@ def replay_client_(theta: torch.Tensor, seeds, scalars, lr: float) -> torch.Tens
 
 def robust_location(values: list[float], aggregation: str, trim_fraction: float = 0.0) -> float:
     """Unweighted median or trimmed mean of `values` (float64, deterministic)."""
-    ordered = sorted(float(v) for v in values)
-    m = len(ordered)
-    if aggregation == "median":
-        mid = m // 2
-        return ordered[mid] if m % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-    if aggregation == "trimmed_mean":
-        cut = math.floor(trim_fraction * m)
-        kept = ordered[cut: m - cut]
-        return math.fsum(kept) / len(kept)
-    raise ValueError(f"unknown robust aggregation {aggregation!r}")
+    return make_rule(aggregation, trim_fraction=trim_fraction).location(values)
 
 
 def aggregation_terms(paths: list[ClientPath], sharing: str, aggregation: str = "mean",
                       trim_fraction: float = 0.0) -> list[Term]:
-    paths = sorted(paths, key=lambda p: p.client)
-    if aggregation != "mean":
-        if sharing != "round":
-            raise ValueError(f"{aggregation} aggregation needs round-shared seeds")
-        return _robust_terms(paths, aggregation, trim_fraction)
-    if sharing == "client":
-        return [Term(int(s), p.lr, p.weight * float(g)) for p in paths for s, g in zip(p.seeds, p.scalars)]
-    terms: dict[int, Term] = {}  # insertion order = step order
-    longest = max((len(p.seeds) for p in paths), default=0)
-    for t in range(longest):
-        for p in paths:
-            if t < len(p.seeds):
-                seed = int(p.seeds[t])
-                term = terms.setdefault(seed, Term(seed, p.lr, 0.0))
-                term.coef += p.weight * float(p.scalars[t])
-    return list(terms.values())
-
-
-def _robust_terms(paths: list[ClientPath], aggregation: str, trim_fraction: float) -> list[Term]:
-    terms = []
-    for t in range(max((len(p.seeds) for p in paths), default=0)):
-        ran = [p for p in paths if t < len(p.seeds)]
-        seeds = {int(p.seeds[t]) for p in ran}
-        if len(seeds) != 1:
-            raise ValueError(f"step {t}: clients ran different seeds; robust aggregation needs round sharing")
-        weight = 0.0
-        for p in ran:  # client-id order, like FedAvg's sum
-            weight += p.weight
-        stat = robust_location([p.scalars[t] for p in ran], aggregation, trim_fraction)
-        terms.append(Term(seeds.pop(), ran[0].lr, weight * stat))
-    return terms
+    """The terms of rule `aggregation` (`fed.aggregation`) for one round's accepted paths."""
+    return make_rule(aggregation, trim_fraction=trim_fraction).terms(paths, sharing)
 
 
 def apply_terms_(theta: torch.Tensor, terms: list[Term], on_z=None) -> torch.Tensor:

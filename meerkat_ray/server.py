@@ -1,5 +1,7 @@
 """The server: plans rounds, checks and replays what clients send, computes GradIP, runs VPCS and
-aggregates. Pure torch/numpy: the Ray server actor is a thin wrapper around it.
+aggregates. Pure torch/numpy: the Ray server actor is a thin wrapper around it. Who is planned and
+who is early-stopped is up to the selection policies (`strategies/policies.py`), how results become
+terms up to the aggregation rule (`strategies/aggregation.py`).
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import pandas as pd
 import torch
 
 from .config import Config, round_steps
-from .gradip import VPCSStats, VPState
+from .gradip import VPState
 from .messages import ClientPlan, ClientResult, SyncMessage
-from .path import ClientPath, aggregation_terms, apply_terms_, step_seeds
+from .path import ClientPath, apply_terms_, step_seeds
+from .strategies.aggregation import make_rule
+from .strategies.policies import RoundView, active_policies
 from .zo import perturbations
 
 
@@ -32,38 +36,24 @@ class Server:
         self.sizes = np.asarray(client_sizes, dtype=np.int64)
         self.cursors = np.zeros(len(client_sizes), dtype=np.int64)
         self.vp = VPState(cfg.vp, len(client_sizes), cfg.seed)
+        self.policies = active_policies(cfg, self.vp.rng)
+        self.rule = make_rule(cfg.fed.aggregation, **vars(cfg.fed))
         self.uplink_bytes = 0
         self.downlink_bytes = 0
         self.local_steps = 0
 
     def state_dict(self) -> tuple[dict, torch.Tensor]:
         """What a resumed run needs besides the config: JSON-able counters and VPCS state, and theta."""
-        vp, steps = self.vp, self.cfg.vp.calib_steps
-        return {
-            "cursors": self.cursors.tolist(),
-            "uplink_bytes": self.uplink_bytes,
-            "downlink_bytes": self.downlink_bytes,
-            "local_steps": self.local_steps,
-            "vp": {  # a decision reads only the first calib_steps of each trajectory
-                "trajectories": {str(k): [float(v) for v in t[:steps]] for k, t in vp.trajectories.items()},
-                "flagged": list(vp.flagged),
-                "stats": {str(k): vars(s) for k, s in vp.stats.items()},
-                "decided_round": vp.decided_round,
-                "rng": vp.rng.bit_generator.state,
-            },
-        }, self.theta.clone()
+        return {"cursors": self.cursors.tolist(), "uplink_bytes": self.uplink_bytes,
+                "downlink_bytes": self.downlink_bytes, "local_steps": self.local_steps,
+                "vp": self.vp.state_dict()}, self.theta.clone()
 
     def load_state(self, state: dict, theta: torch.Tensor) -> None:
         self.theta = theta.clone()
         self.cursors = np.asarray(state["cursors"], dtype=np.int64)
         self.uplink_bytes, self.downlink_bytes = state["uplink_bytes"], state["downlink_bytes"]
         self.local_steps = state["local_steps"]
-        vp = state["vp"]
-        self.vp.trajectories = {int(k): list(t) for k, t in vp["trajectories"].items()}
-        self.vp.flagged = list(vp["flagged"])
-        self.vp.stats = {int(k): VPCSStats(**s) for k, s in vp["stats"].items()}
-        self.vp.decided_round = vp["decided_round"]
-        self.vp.rng.bit_generator.state = vp["rng"]
+        self.vp.load_state(state["vp"])
 
     @property
     def num_clients(self) -> int:
@@ -80,8 +70,11 @@ class Server:
     def plan_round(self, round_: int) -> list[ClientPlan]:
         """Plans for round `round_` (rounds count from 1; 0 is the zero-shot evaluation)."""
         fed = self.cfg.fed
+        clients = list(range(self.num_clients))
+        for policy in self.policies:
+            clients = policy.participants(round_, clients)
         plans = []
-        for k in range(self.num_clients):
+        for k in clients:
             steps = self.steps_for(k, round_)
             seeds = step_seeds(self.cfg.seed, round_, k,
                                round_steps(self.cfg, round_) if fed.seed_sharing == "round" else steps,
@@ -130,8 +123,7 @@ class Server:
         paths = [ClientPath(client=p.client, weight=0.0 if probe else float(self.sizes[p.client]) / total,
                             seeds=p.seeds[: p.steps], scalars=[float(s) for s in by_client[p.client].scalars], lr=p.lr)
                  for p in accepted]
-        fed = self.cfg.fed
-        terms = aggregation_terms(paths, fed.seed_sharing, fed.aggregation, fed.trim_fraction)
+        terms = self.rule.terms(paths, self.cfg.fed.seed_sharing)
         dots: dict[int, float] = {}
 
         def on_z(seed: int, z: torch.Tensor) -> None:
@@ -145,19 +137,25 @@ class Server:
             terms = []
         else:
             apply_terms_(self.theta, terms, on_z)
-        rows = []
+        rows, grad_ips_of = [], {}
         for path in paths:
-            grad_ips = [g * dots.get(s, math.nan) for s, g in zip(path.seeds, path.scalars)]
+            grad_ips = grad_ips_of[path.client] = [g * dots.get(s, math.nan) for s, g in zip(path.seeds, path.scalars)]
             self.vp.record(path.client, grad_ips)
             rows += [(round_, path.client, t, s, g, path.lr, path.weight, gi)
                      for t, (s, g, gi) in enumerate(zip(path.seeds, path.scalars, grad_ips))]
         for plan in plans:  # data consumed is consumed, accepted or not
             self.cursors[plan.client] += plan.steps * self.cfg.data.batch_size
         decided_now = self.vp.maybe_decide(round_, sum(round_steps(self.cfg, r) for r in range(1, round_ + 1)))
+        view = RoundView(round_, [p.client for p in plans], {p.client: list(by_client[p.client].losses) for p in accepted},
+                         grad_ips_of, self.vp.stats if decided_now else {}, list(self.vp.flagged))
+        for policy in self.policies:
+            flagged = policy.early_stop(view)
+            if flagged is not None:
+                self.vp.flagged = view.flagged = flagged
 
         sync = SyncMessage(round=round_, terms=terms, sharing=self.cfg.fed.seed_sharing)
         up = sum(by_client[p.client].payload_bytes() for p in plans if p.client in by_client)
-        down = sum(p.payload_bytes() + sync.payload_bytes() for p in plans)
+        down = sum(p.payload_bytes() for p in plans) + self.num_clients * sync.payload_bytes()  # sync: to all
         self.uplink_bytes += up
         self.downlink_bytes += down
         steps = sum(p.steps for p in accepted)
@@ -175,6 +173,8 @@ class Server:
             "rejected_reasons": {str(k): v for k, v in sorted(rejected.items())},
             "local_steps": steps,
         }
+        if len(plans) < self.num_clients:  # a sampled round
+            metrics["participants"] = [p.client for p in plans]
         if decided_now:  # the decision, visible in the round it is made
             metrics["vpcs"] = {str(k): vars(st) for k, st in sorted(self.vp.stats.items())}
             metrics["vp_calib_steps"] = self.cfg.vp.calib_steps

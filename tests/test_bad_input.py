@@ -66,6 +66,7 @@ BOUNDS = {
     "fed.first_round_steps": ([0, 30], [-1]),                       # 0 = T (or vp.calib_steps)
     "fed.eval_every": ([1], [0]),
     "fed.trim_fraction": ([0.0, 0.49], [0.5, -0.01]),               # dropping half from each end leaves nothing
+    "fed.clients_per_round": ([0, 1, 6], [-1, 7]),                 # 0 = all; at most the 6 clients there are
     "vp.sigma": ([1e-9], [0.0]),
     "vp.rho": ([1e-9], [0.0]),
     "vp.min_quiet_fraction": ([0.0, 1.0], [-0.01, 1.01]),

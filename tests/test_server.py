@@ -8,14 +8,20 @@ import pytest
 import torch
 
 from meerkat_ray.client import ClientData, ClientWorker
-from meerkat_ray.config import VPConfig, load_config
-from meerkat_ray.gradip import GradIPPolicy, RandomPolicy, VPState, flag_quality, vpcs_statistics
+from meerkat_ray.config import Config, VPConfig, load_config
+from meerkat_ray.gradip import VPState, flag_quality, vpcs_statistics
 from meerkat_ray.messages import ClientResult, SyncMessage
 from meerkat_ray.path import replay_client_
 from meerkat_ray.server import Server
+from meerkat_ray.strategies.policies import GradIPPolicy, RandomPolicy, RoundView
 from meerkat_ray.zo import MaskedView, perturbation
 
 SIZES = [10, 30, 60]
+
+
+def select(policy, stats, cfg, rng=None) -> list[int]:
+    """An early-stop policy's decision on the VPCS statistics `stats` (vp config `cfg`)."""
+    return policy(Config(vp=cfg), rng).early_stop(RoundView(1, stats=stats))
 
 
 def config(*overrides):
@@ -182,15 +188,15 @@ def test_vpcs_flags_a_decaying_trajectory_and_not_oscillating_ones():
                     3: oscillating(t, rng, 2.0), 4: decaying(t, rng) * -1, 5: oscillating(t, rng, 3.0)}
     cfg = VPConfig()  # the defaults
     stats = vpcs_statistics(trajectories, cfg)
-    assert GradIPPolicy().select(stats, cfg, np.random.default_rng(0)) == [1, 4]
+    assert select(GradIPPolicy, stats, cfg, np.random.default_rng(0)) == [1, 4]
     assert stats[1].rho_later > 10 and stats[1].quiet_fraction == 1.0
     assert stats[0].rho_later < 2 and stats[0].quiet_fraction < 0.6
     # sigma is relative to the population: rescaling every trajectory changes nothing
     scaled = vpcs_statistics({k: 1e-6 * v for k, v in trajectories.items()}, cfg)
-    assert GradIPPolicy().select(scaled, cfg, np.random.default_rng(0)) == [1, 4]
+    assert select(GradIPPolicy, scaled, cfg, np.random.default_rng(0)) == [1, 4]
     # an all-oscillating population flags no one
     calm = vpcs_statistics({k: oscillating(t, rng, k) for k in range(5)}, cfg)
-    assert GradIPPolicy().select(calm, cfg, np.random.default_rng(0)) == []
+    assert select(GradIPPolicy, calm, cfg, np.random.default_rng(0)) == []
 
 
 def test_vpcs_statistics_on_hand_computed_trajectories():
@@ -204,7 +210,7 @@ def test_vpcs_statistics_on_hand_computed_trajectories():
     assert [s.rho_later for s in stats.values()] == [4, 1, pytest.approx(10)]
     assert [s.quiet_fraction for s in stats.values()] == [0.0, 0.0, 1.0]
     # a is not quiet: "quiet" is relative to the population, not to a client's own early phase
-    assert GradIPPolicy().select(stats, cfg, None) == [2]
+    assert select(GradIPPolicy, stats, cfg, None) == [2]
 
 
 def test_median_statistic_ignores_a_single_heavy_tailed_step():
@@ -234,7 +240,7 @@ def test_vp_state_decides_once_after_calibration_without_waiting_for_a_rejected_
                 state.record(k, list(series[k][lo: lo + 10]))
         decided = state.maybe_decide(r, planned_steps=10 * r)
         assert decided == (r == 5) and state.decided == (r >= 5)
-    assert state.flagged == [1] and state.decided_round == 5
+    assert select(GradIPPolicy, state.stats, state.cfg) == [1] and state.decided_round == 5
     assert sorted(state.stats) == [0, 1]  # a client short of calib_steps is judged by no one, and not flagged
     state.record(0, [1.0])
     assert len(state.trajectories[0]) == 50  # nothing is recorded after the decision
@@ -248,11 +254,11 @@ def test_random_policy_stops_as_many_clients_as_gradip_would():
     trajectories = {k: (decaying(t, rng) if k in (2, 5, 7) else oscillating(t, rng, k)) for k in range(10)}
     cfg = VPConfig()
     stats = vpcs_statistics(trajectories, cfg)
-    assert GradIPPolicy().select(stats, cfg, None) == [2, 5, 7]
-    picks = [RandomPolicy().select(stats, cfg, np.random.default_rng(s)) for s in range(20)]
+    assert select(GradIPPolicy, stats, cfg, None) == [2, 5, 7]
+    picks = [select(RandomPolicy, stats, cfg, np.random.default_rng(s)) for s in range(20)]
     assert all(len(p) == 3 == len(set(p)) and p == sorted(p) and set(p) <= set(range(10)) for p in picks)
     assert len({tuple(p) for p in picks}) > 5  # random, not the GradIP choice in disguise
-    assert RandomPolicy().select(stats, cfg, np.random.default_rng(3)) == picks[3]  # seeded
+    assert select(RandomPolicy, stats, cfg, np.random.default_rng(3)) == picks[3]  # seeded
     # through VPState: same count, reproducible from the run seed
     states = []
     for _ in range(2):
@@ -260,7 +266,7 @@ def test_random_policy_stops_as_many_clients_as_gradip_would():
         for k, v in trajectories.items():
             s.record(k, list(v))
         assert s.maybe_decide(1, 50)
-        states.append(s.flagged)
+        states.append(select(RandomPolicy, s.stats, s.cfg, s.rng))
     assert len(states[0]) == 3 and states[0] == states[1]
 
 
