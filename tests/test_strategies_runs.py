@@ -66,3 +66,14 @@ def test_a_sampled_run_plans_the_draw_and_replays_bit_for_bit(tmp_path):
     final = load_theta(run_dir / "sparse_final.safetensors")
     assert torch.equal(audit_replay(init, path), final)
     assert torch.equal(replay_path(init, path), final)
+
+
+@pytest.mark.ray
+def test_a_sampled_run_on_ray_is_bit_identical_to_local(ray_cluster, tmp_path):
+    from conftest import assert_same_run
+
+    sampled = ["data.num_clients=5", "fed.clients_per_round=3", "fed.rounds=2"]
+    run(tmp_path, "local", *sampled)
+    run(tmp_path, "ray", *sampled, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5")
+    assert_same_run(tmp_path / "local", tmp_path / "ray")
+    assert read_metrics(tmp_path / "ray")[1]["participants"] == documented_draw(0, 1, 5, 3)
