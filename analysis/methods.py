@@ -2,7 +2,8 @@
 
 The method is named the way the paper names it, from `mask.kind`, `vp.enabled` and `vp.policy`:
 Meerkat (pretrain_grad mask), Meerkat-vp (+ VPCS early stopping), Full-FedZO (`full`), the
-weight-magnitude and random masks, and "+ random stop" for `vp.policy=random`. When the runs of
+weight-magnitude and random masks, and "+ random stop" for `vp.policy=random`; another
+`fed.algorithm` than sparse_zo names the method first (First-order FedAvg, LoRA-FedZO). When the runs of
 a folder differ in other keys too (u, T, lr, ...), those keys are added to the label; runs that
 differ only in `seed` share a label and are averaged (one line, a min-max band).
 """
@@ -18,7 +19,8 @@ MASK_METHODS = {
     "weight_magnitude": "Weight-magnitude mask",
     "random": "Random mask",
 }
-METHOD_KEYS = ("mask.kind", "vp.enabled", "vp.policy")
+METHOD_KEYS = ("mask.kind", "vp.enabled", "vp.policy", "fed.algorithm")
+ALGORITHM_METHODS = {"first_order": "First-order FedAvg", "lora_zo": "LoRA-FedZO"}
 # Keys that never distinguish methods: where a run is stored, how it is executed, repeats.
 IGNORED_KEYS = ("name", "output_dir", "seed", "model.cache_dir", "model.num_threads", "model.device",
                 "mask.cache", "data.eval_batch_size")
@@ -34,11 +36,17 @@ def method_label(config: dict) -> str:
     mask = (config.get("mask") or {}).get("kind", "pretrain_grad")
     vp = config.get("vp") or {}
     base = MASK_METHODS.get(mask, f"mask={mask}")
+    algorithm = (config.get("fed") or {}).get("algorithm", "sparse_zo")
+    if algorithm == "lora_zo":  # the adapters are the trained vector: no mask
+        base = "LoRA-FedZO"
+    elif algorithm != "sparse_zo":
+        name = ALGORITHM_METHODS.get(algorithm, algorithm)
+        base = name if mask == "pretrain_grad" else f"{name}, {base}"
     if not vp.get("enabled", False):
         return base
     if vp.get("policy", "gradip") == "random":
         return f"{base} + random stop"
-    return "Meerkat-vp" if mask == "pretrain_grad" else f"{base} + VPCS"
+    return "Meerkat-vp" if mask == "pretrain_grad" and algorithm == "sparse_zo" else f"{base} + VPCS"
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -55,6 +63,9 @@ def inert(key: str, flat: dict) -> bool:
     """A key that has no effect on this run: the VPCS settings with `vp.enabled` false, the trim
     fraction without trimmed-mean aggregation."""
     if key.startswith("vp.") and not flat.get("vp.enabled", False):
+        return True
+    algorithm = flat.get("fed.algorithm", "sparse_zo")
+    if key == "fed.fo_lr" and algorithm != "first_order" or key.startswith("lora.") and algorithm != "lora_zo":
         return True
     return key == "fed.trim_fraction" and flat.get("fed.aggregation", "mean") != "trimmed_mean"
 

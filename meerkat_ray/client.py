@@ -2,7 +2,8 @@
 
 A worker keeps the global masked values in sync by applying each round's aggregation terms (the
 dimension-free downlink), and runs a client's plan from there: theta_k = theta_global, then T_k
-sparse SPSA steps on that client's persistent data stream. Nothing of size n leaves the worker.
+local steps of the run's algorithm (`fed.algorithm`, `algorithms/`; sparse SPSA by default) on
+that client's persistent data stream. Under the ZO algorithms nothing of size n leaves the worker.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import time
 import numpy as np
 import torch
 
+from .algorithms import make_algorithm
 from .messages import ClientPlan, ClientResult, SyncMessage
 from .path import apply_terms_, derive_seed
-from .zo import Batch, MaskedView, accuracy_and_loss, batch_scores, collate, perturbations, zo_step_
+from .zo import Batch, MaskedView, accuracy_and_loss, batch_scores, collate
 
 
 class ClientData:
@@ -70,8 +72,11 @@ class WorkerHost:
 class ClientWorker:
     def __init__(self, model: torch.nn.Module, mask, theta: torch.Tensor, data: ClientData,
                  label_ids: torch.Tensor, eps: float, batch_size: int, device, name: str = "local",
-                 clip: float = 0.0):
+                 clip: float = 0.0, algorithm: str = "sparse_zo", grad_ip: bool = False):
         self.view = MaskedView(model, mask)
+        self.algorithm = make_algorithm(algorithm)
+        # g_pre on a worker only where its algorithm computes GradIP itself (first-order under Meerkat-vp)
+        self.g_pre = mask.pretrain_grad if grad_ip and getattr(self.algorithm, "needs_g_pre", False) else None
         self.theta_global = theta.clone()
         self.data, self.eps, self.batch_size, self.clip = data, eps, batch_size, clip
         self.device = device
@@ -85,7 +90,10 @@ class ClientWorker:
         """Apply one round's aggregation terms to the global values (each round exactly once)."""
         if msg.round != self.synced_round + 1:
             raise RuntimeError(f"worker {self.name}: sync for round {msg.round} after round {self.synced_round}")
-        apply_terms_(self.theta_global, msg.terms)
+        if msg.theta is not None:  # first-order: the new global values themselves
+            self.theta_global = msg.theta.clone()
+        else:
+            apply_terms_(self.theta_global, msg.terms)
         self.synced_round = msg.round
         self.view.write_(self.theta_global)
 
@@ -99,22 +107,14 @@ class ClientWorker:
         """Run one virtual client's local steps from the current global values."""
         start = time.perf_counter()
         theta = self.theta_global.clone()
-        scalars, losses = [], []
-        seeds = plan.seeds[: plan.steps]
-        draws = perturbations(seeds, theta.numel())  # the next z is drawn while this step's forwards run
         try:
-            for t, (seed, z) in enumerate(zip(seeds, draws)):
-                batch = self.data.batch(plan.client, plan.cursor + t * self.batch_size, self.batch_size)
-                scalar, loss = zo_step_(self.view, theta, seed, batch.to(self.device), self.label_ids,
-                                        self.eps, plan.lr, self.clip, z=z)
-                scalars.append(scalar)
-                losses.append(loss)
+            out = self.algorithm.local_steps(self, plan, theta)
         finally:  # the model must never be left holding a perturbed or local point
-            draws.close()
             self.view.write_(self.theta_global)
         self.last_theta = theta  # the client's final local values (tests compare them with the server's replay)
-        return ClientResult(round=plan.round, client=plan.client, scalars=scalars, losses=losses,
-                            worker=self.name, compute_s=time.perf_counter() - start)
+        return ClientResult(round=plan.round, client=plan.client, scalars=out.scalars, losses=out.losses,
+                            worker=self.name, compute_s=time.perf_counter() - start, values=out.values,
+                            grad_ips=out.grad_ips)
 
     def evaluate(self, batches: list[Batch]) -> tuple[float, float]:
         return accuracy_and_loss(self.batch_scores(batches))

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .algorithms import ALGORITHMS
 from .errors import ConfigError
 from .gradip import check_calibration
 from .mask_kinds import MASK_SCORES
@@ -78,6 +79,8 @@ class FedConfig:
     aggregation: str = "mean"      # mean (FedAvg) | median | trimmed_mean: per shared seed, over the clients' scalars
     trim_fraction: float = 0.1     # trimmed_mean: fraction of the lowest and of the highest scalars dropped per seed
     clients_per_round: int = 0     # clients sampled uniformly per round (seeded by run seed and round); 0 = all
+    algorithm: str = "sparse_zo"   # sparse_zo (Meerkat) | first_order (backprop + FedAvg of the masked values)
+    fo_lr: float = 0.0             # first_order: SGD learning rate on the masked values; 0 = zo.lr
 
 
 @dataclass
@@ -152,6 +155,7 @@ CHOICES = {
     "mask.calib_corpus": ("pydoc", "c4"),
     "fed.seed_sharing": ("round", "client"),
     "fed.aggregation": tuple(AGGREGATIONS),  # the registries: a new variant is one entry there
+    "fed.algorithm": tuple(ALGORITHMS),
     "vp.policy": tuple(name for name, p in POLICIES.items() if p.choice_of == "vp.policy"),
     "vp.calibration": ("first_round", "probe", "rounds"),
     "vp.statistic": ("mean", "median"),
@@ -185,6 +189,7 @@ RANGES = [
     ("fed.eval_every", lambda v: v >= 1, ">= 1"),
     ("fed.trim_fraction", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
     ("fed.clients_per_round", lambda v: v >= 0, ">= 0"),
+    ("fed.fo_lr", lambda v: v >= 0, ">= 0"),
     ("vp.sigma", lambda v: v > 0, "> 0"),
     ("vp.rho", lambda v: v > 0, "> 0"),
     ("vp.min_quiet_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
@@ -302,7 +307,7 @@ def validate(cfg: Config) -> Config:
             re.compile(cfg.mask.eligible)
         except re.error as exc:
             raise ConfigError(f"mask.eligible: not a regular expression ({exc})") from None
-    for variant in [*AGGREGATIONS.values(), *POLICIES.values()]:
+    for variant in [*AGGREGATIONS.values(), *POLICIES.values(), *ALGORITHMS.values()]:
         variant.check(cfg)
     check_calibration(cfg)
     if cfg.ray.chaos_kill_prob > 0 and cfg.ray.backend != "ray":

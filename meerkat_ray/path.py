@@ -8,7 +8,9 @@ Aggregation w_{r+1} = sum_k p_k theta_k^{(T_k)} is linear in the z's, so it is a
   the downlink is these T coefficients - dimension-free.
 - seed_sharing=client: one term per (client, step) with coef = p_k * scalar_k^t.
 Both the server and every client apply the same terms in the same order, so their global values
-agree bit for bit; `replay_path` does the same from `path.parquet` alone.
+agree bit for bit; `replay_path` does the same from `path.parquet` alone (`replay_run` from a run
+folder). A run whose `fed.algorithm` is not seed-replayable (first_order: its path rows carry seed
+-1) is refused, never replayed into a wrong answer.
 
 The rules that turn paths into terms (mean | median | trimmed_mean) live in
 `strategies/aggregation.py`.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from .errors import MeerkatError
 from .messages import Term
 from .seeds import derive_seed
 from .strategies.aggregation import ClientPath, make_rule
@@ -86,8 +89,29 @@ def replay_path(theta_init: torch.Tensor, path: pd.DataFrame, sharing: str | Non
     The exact operation, per term: `theta.add_(z, alpha=-(lr * coef))` on float32 CPU tensors, with
     lr * coef computed in float64; another rounding order (e.g. `theta - lr*coef*z`) differs in the
     last bit of some coordinates."""
+    if len(path) and bool((path["seed"] < 0).any()):
+        raise MeerkatError("path.parquet: steps without a seed (seed -1): the run's fed.algorithm is not "
+                           "seed-replayable (first_order sends values, not scalars), so it cannot be replayed")
     sharing = sharing or infer_sharing(path)
     theta = theta_init.clone()
     for _, rows in path.groupby("round", sort=True):
         apply_terms_(theta, aggregation_terms(paths_from_frame(rows), sharing, aggregation, trim_fraction))
     return theta
+
+
+def replay_run(run_dir) -> torch.Tensor:
+    """sparse_final of a run folder from its sparse_init, path.parquet and config.yaml alone;
+    a run whose fed.algorithm is not seed-replayable is refused (MeerkatError, one line)."""
+    from pathlib import Path
+
+    from .algorithms import ALGORITHMS
+    from .config import from_dict, read_yaml
+    from .runlog import load_theta, read_path
+
+    run_dir = Path(run_dir)
+    cfg = from_dict(read_yaml(run_dir / "config.yaml"))
+    if not ALGORITHMS[cfg.fed.algorithm].replayable:
+        raise MeerkatError(f"{run_dir}: fed.algorithm={cfg.fed.algorithm} is not seed-replayable "
+                           "(its clients send values, not scalars), so it cannot be replayed")
+    return replay_path(load_theta(run_dir / "sparse_init.safetensors"), read_path(run_dir),
+                       aggregation=cfg.fed.aggregation, trim_fraction=cfg.fed.trim_fraction)

@@ -19,6 +19,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .algorithms import ALGORITHMS
 from .checkpoint import CHECKPOINT_FILE, RunCheckpoint
 from .client import ClientWorker, WorkerHost
 from .config import Config, to_dict
@@ -120,7 +121,7 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
         plans = server.plan_round(r)
         bar = tqdm(total=sum(p.steps for p in plans), desc=f"round {r}/{cfg.fed.rounds}", unit="step",
                    disable=not progress, leave=True, dynamic_ncols=True)
-        results = executor.run_clients(plans, on_result=lambda res: bar.update(len(res.scalars)))
+        results = executor.run_clients(plans, on_result=lambda res: bar.update(len(res.losses)))
         outcome = server.finish_round(r, plans, results)
         executor.sync(outcome.sync)
         metrics = dict(outcome.metrics)
@@ -249,6 +250,8 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
     save_theta(run_dir / "sparse_final.safetensors", server.theta)
     summary = {
         "name": cfg.name,
+        "algorithm": cfg.fed.algorithm,
+        "replayable": ALGORITHMS[cfg.fed.algorithm].replayable,  # sparse_final from path.parquet alone
         "zero_shot_accuracy": last["zero_shot_accuracy"],
         "final_accuracy": last["accuracy"],
         "best_accuracy": last["best_accuracy"],

@@ -1,7 +1,8 @@
 """The server: plans rounds, checks and replays what clients send, computes GradIP, runs VPCS and
 aggregates. Pure torch/numpy: the Ray server actor is a thin wrapper around it. Who is planned and
 who is early-stopped is up to the selection policies (`strategies/policies.py`), how results become
-terms up to the aggregation rule (`strategies/aggregation.py`).
+terms up to the aggregation rule (`strategies/aggregation.py`), what a result holds and how it
+becomes the next global values up to the client algorithm (`algorithms/`, `fed.algorithm`).
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .algorithms import make_algorithm
+from .algorithms.first_order import NO_SEED
 from .config import Config, round_steps
 from .gradip import VPState
 from .messages import ClientPlan, ClientResult, SyncMessage
-from .path import ClientPath, apply_terms_, step_seeds
+from .path import ClientPath, step_seeds
 from .strategies.aggregation import make_rule
 from .strategies.policies import RoundView, active_policies
-from .zo import perturbations
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Server:
         self.vp = VPState(cfg.vp, len(client_sizes), cfg.seed)
         self.policies = active_policies(cfg, self.vp.rng)
         self.rule = make_rule(cfg.fed.aggregation, **vars(cfg.fed))
+        self.algorithm = make_algorithm(cfg.fed.algorithm)
         self.uplink_bytes = 0
         self.downlink_bytes = 0
         self.local_steps = 0
@@ -70,6 +73,8 @@ class Server:
     def plan_round(self, round_: int) -> list[ClientPlan]:
         """Plans for round `round_` (rounds count from 1; 0 is the zero-shot evaluation)."""
         fed = self.cfg.fed
+        uses_seeds = self.algorithm.uses_seeds  # first-order plans carry no seeds
+        lr = self.cfg.zo.lr if uses_seeds or not fed.fo_lr else fed.fo_lr
         clients = list(range(self.num_clients))
         for policy in self.policies:
             clients = policy.participants(round_, clients)
@@ -78,8 +83,8 @@ class Server:
             steps = self.steps_for(k, round_)
             seeds = step_seeds(self.cfg.seed, round_, k,
                                round_steps(self.cfg, round_) if fed.seed_sharing == "round" else steps,
-                               fed.seed_sharing)
-            plans.append(ClientPlan(round=round_, client=k, seeds=seeds, steps=steps, lr=self.cfg.zo.lr,
+                               fed.seed_sharing) if uses_seeds else []
+            plans.append(ClientPlan(round=round_, client=k, seeds=seeds, steps=steps, lr=lr,
                                     cursor=int(self.cursors[k])))
         return plans
 
@@ -89,57 +94,39 @@ class Server:
         return bool(self.cfg.vp.enabled and (vp.decided_round is None or round_ <= vp.decided_round))
 
     @staticmethod
-    def check_result(plan: ClientPlan, result: ClientResult | None, clip: float = 0.0) -> str:
-        """Why a result is rejected ('' = accepted). With `clip` > 0 (zo.clip) honest clients never
-        send |scalar| > clip, so a larger one is refused too."""
+    def check_result(plan: ClientPlan, result: ClientResult | None, clip: float = 0.0, algorithm=None,
+                     n: int = 0) -> str:
+        """Why a result is rejected ('' = accepted); what it must hold is the algorithm's to say
+        (sparse_zo by default: with `clip` > 0, zo.clip, a |scalar| > clip is refused too)."""
         if result is None:
             return "no result"
         if result.round != plan.round or result.client != plan.client:
             return f"answered round {result.round} client {result.client}"
-        if len(result.scalars) != plan.steps or len(result.losses) != plan.steps:
-            return f"sent {len(result.scalars)} scalars for {plan.steps} steps"
-        try:
-            finite = all(math.isfinite(float(v)) for v in list(result.scalars) + list(result.losses))
-        except (TypeError, ValueError):
-            return "non-numeric scalar or loss"
-        if not finite:
-            return "non-finite scalar or loss"
-        if clip > 0 and any(abs(float(v)) > clip for v in result.scalars):
-            return f"scalar above zo.clip={clip:g}"
-        return ""
+        return (algorithm or make_algorithm("sparse_zo")).check_upload(plan, result, n, clip)
 
     def finish_round(self, round_: int, plans: list[ClientPlan], results: list[ClientResult | None]) -> RoundOutcome:
         """Check results, replay the accepted virtual paths, GradIP, VPCS, aggregate, account bytes."""
         by_client = {r.client: r for r in results if r is not None}
         accepted, rejected = [], {}
         for plan in plans:
-            reason = self.check_result(plan, by_client.get(plan.client), self.cfg.zo.clip)
+            reason = self.check_result(plan, by_client.get(plan.client), self.cfg.zo.clip, self.algorithm,
+                                       self.theta.numel())
             if reason:
                 rejected[plan.client] = reason
             else:
                 accepted.append(plan)
         total = float(sum(self.sizes[p.client] for p in accepted))
         probe = self.is_probe(round_)  # weight 0: the replay of path.parquet adds nothing for it
+        seedless = not self.algorithm.uses_seeds  # path rows: seed NO_SEED, scalar NaN (first-order)
         paths = [ClientPath(client=p.client, weight=0.0 if probe else float(self.sizes[p.client]) / total,
-                            seeds=p.seeds[: p.steps], scalars=[float(s) for s in by_client[p.client].scalars], lr=p.lr)
+                            seeds=[NO_SEED] * p.steps if seedless else p.seeds[: p.steps],
+                            scalars=[math.nan] * p.steps if seedless else [float(s) for s in by_client[p.client].scalars],
+                            lr=p.lr)
                  for p in accepted]
-        terms = self.rule.terms(paths, self.cfg.fed.seed_sharing)
-        dots: dict[int, float] = {}
-
-        def on_z(seed: int, z: torch.Tensor) -> None:
-            if self.g_pre is not None:
-                dots[seed] = float(torch.dot(self.g_pre, z.double()))
-
-        if probe:  # GradIP still needs every z; nothing is applied, nothing is sent to sync
-            seeds = [t.seed for t in terms]
-            for seed, z in zip(seeds, perturbations(seeds, self.theta.numel())):
-                on_z(seed, z)
-            terms = []
-        else:
-            apply_terms_(self.theta, terms, on_z)
-        rows, grad_ips_of = [], {}
+        sync, grad_ips_of = self.algorithm.aggregate(self, round_, paths, by_client, probe)
+        rows = []
         for path in paths:
-            grad_ips = grad_ips_of[path.client] = [g * dots.get(s, math.nan) for s, g in zip(path.seeds, path.scalars)]
+            grad_ips = grad_ips_of[path.client]
             self.vp.record(path.client, grad_ips)
             rows += [(round_, path.client, t, s, g, path.lr, path.weight, gi)
                      for t, (s, g, gi) in enumerate(zip(path.seeds, path.scalars, grad_ips))]
@@ -153,7 +140,6 @@ class Server:
             if flagged is not None:
                 self.vp.flagged = view.flagged = flagged
 
-        sync = SyncMessage(round=round_, terms=terms, sharing=self.cfg.fed.seed_sharing)
         up = sum(by_client[p.client].payload_bytes() for p in plans if p.client in by_client)
         down = sum(p.payload_bytes() for p in plans) + self.num_clients * sync.payload_bytes()  # sync: to all
         self.uplink_bytes += up

@@ -51,6 +51,7 @@ class MaskedView:
 
     def __init__(self, model: torch.nn.Module, mask: Mask):
         self.model = model
+        self.names = list(mask.indices)  # the masked parameters, in mask order (one slot each)
         params = dict(model.named_parameters())
         # (flat parameter view, indices on its device or None when the mask covers the whole
         # parameter, start, end) in mask order. Mask indices are sorted and unique, so covering
@@ -114,13 +115,18 @@ def collate(token_lists: list[list[int]], labels: list[int], pad_id: int) -> Bat
     return Batch(ids, att, torch.tensor(labels, dtype=torch.long))
 
 
-@torch.no_grad()
-def label_logits(model: torch.nn.Module, batch: Batch, label_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the verbalizer tokens at the last position: [B, C] float32."""
+def verbalizer_logits(model: torch.nn.Module, batch: Batch, label_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the verbalizer tokens at the last position: [B, C] float32 (differentiable)."""
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=position_ids, logits_to_keep=1, use_cache=False)
     return out.logits[:, -1, :].index_select(-1, label_ids).float()
+
+
+@torch.no_grad()
+def label_logits(model: torch.nn.Module, batch: Batch, label_ids: torch.Tensor) -> torch.Tensor:
+    """`verbalizer_logits` without autograd (every ZO forward and every evaluation)."""
+    return verbalizer_logits(model, batch, label_ids)
 
 
 def classification_loss(model, batch: Batch, label_ids: torch.Tensor) -> float:

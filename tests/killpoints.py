@@ -65,16 +65,16 @@ def install(point: str, round_: int, marker: Path) -> None:
 
         checkpoint.RunCheckpoint.save = save
     elif point in ("mid-round", "calibration"):
-        real_step = client.zo_step_
+        real_batch = client.ClientData.batch  # every local step of every algorithm reads one batch
         steps = []
 
-        def zo_step_(*args, **kwargs):
+        def batch(self, *args, **kwargs):
             plan = current[0]
-            if plan.round == round_ and plan.client == 1:
+            if plan is not None and plan.round == round_ and plan.client == 1:
                 steps.append(1)
                 if len(steps) == 2:  # one step of client 1 done, the second under way
                     die(f"round {plan.round} client {plan.client} step 1 of {plan.steps}")
-            return real_step(*args, **kwargs)
+            return real_batch(self, *args, **kwargs)
 
         current = [None]
         real_run = client.ClientWorker.run
@@ -83,7 +83,7 @@ def install(point: str, round_: int, marker: Path) -> None:
             current[0] = plan
             return real_run(self, plan)
 
-        client.zo_step_ = zo_step_
+        client.ClientData.batch = batch
         client.ClientWorker.run = run
     elif point == "evaluation":
         real_scores = client.ClientWorker.batch_scores

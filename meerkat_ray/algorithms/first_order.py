@@ -1,0 +1,123 @@
+"""`first_order`: backprop on the masked coordinates and FedAvg of the masked values - the
+first-order upper bound the paper compares Meerkat against.
+
+Client, per local step t: the same batch a ZO run would read (the client's persistent data stream),
+one forward and one backward pass with only the parameters that hold masked coordinates requiring
+gradients, g_t = the gradient of the same verbalizer cross-entropy at the masked coordinates (fp32,
+mask order), plain SGD theta <- theta - lr g_t with lr = `fed.fo_lr` (0 = `zo.lr`; a first-order
+step needs its own value: the ZO step's size grows with sqrt(n), SGD's does not). With Meerkat-vp
+on, the client also reports GradIP_t = <g_pre, g_t> - the exact quantity the ZO GradIP
+g_t <g_pre, z_t> estimates - so VPCS runs unchanged on the server (g_pre is public: it comes with
+the mask). Server: w_{r+1} = sum_k p_k theta_k^{(T_k)} over the accepted clients (float64 sum, one
+fp32 rounding), sent whole to every worker.
+
+Bytes per client per round: uplink 4 n (the client's final masked values, float32) + 8 (round) +
+8 (client) + 4 T (losses) [+ 8 T GradIPs under Meerkat-vp]; downlink 4 n (the new global values)
++ 8 (the sync's round) + 40 (the plan: round, client, steps, lr, cursor - no seeds). Memory: the
+model plus one backward pass (activations of a batch and a gradient buffer for every parameter
+tensor that holds a masked coordinate - with the default mask nearly every block weight), the
+fp32 master values and the masked gradient (n floats each); no optimizer state.
+
+Not seed-replayable: sparse_final depends on the clients' data, not on seeds and scalars alone.
+path.parquet keeps one row per (round, client, step) - the steps counted, lr, weight p_k and GradIP
+(NaN without Meerkat-vp) - with seed = -1 and scalar = NaN (there are none); `path.replay_path`
+refuses such a path and summary.json says `"replayable": false`.
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import ConfigError
+from ..messages import SyncMessage
+from .base import Algorithm, LocalOutcome, finite, register
+
+NO_SEED = -1  # path.parquet's seed for a step that has none
+
+
+@register("first_order")
+class FirstOrder(Algorithm):
+    replayable = False
+    uses_seeds = False
+    needs_g_pre = True  # the client computes GradIP itself when Meerkat-vp runs
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.fed.algorithm != cls.name:
+            return
+        if cfg.fed.aggregation != "mean":
+            raise ConfigError(f"fed.aggregation: {cfg.fed.aggregation} combines ZO scalars per seed; "
+                              "fed.algorithm=first_order averages the masked values (use fed.aggregation=mean)")
+        if cfg.zo.clip > 0:
+            raise ConfigError("zo.clip: clips ZO scalars, and fed.algorithm=first_order sends none (set zo.clip=0)")
+
+    def local_steps(self, worker, plan, theta) -> LocalOutcome:
+        losses, grad_ips = [], []
+        g_pre = worker.g_pre.double() if worker.g_pre is not None else None
+        for t in range(plan.steps):
+            batch = worker.data.batch(plan.client, plan.cursor + t * worker.batch_size, worker.batch_size)
+            loss, grad = masked_sgd_step_(worker.view, theta, batch.to(worker.device), worker.label_ids, plan.lr)
+            losses.append(loss)
+            grad_ips.append(float(g_pre.dot(grad.double())) if g_pre is not None and grad is not None else math.nan)
+        return LocalOutcome(scalars=[], losses=losses, values=theta, grad_ips=grad_ips if g_pre is not None else None)
+
+    def check_upload(self, plan, result, n: int, clip: float) -> str:
+        import torch
+
+        if len(result.losses) != plan.steps:
+            return f"sent {len(result.losses)} losses for {plan.steps} steps"
+        values = result.values
+        if not isinstance(values, torch.Tensor) or values.dtype != torch.float32 or values.shape != (n,):
+            return f"sent no float32 vector of the {n} masked values"
+        if result.grad_ips is not None and len(result.grad_ips) != plan.steps:
+            return f"sent {len(result.grad_ips)} GradIPs for {plan.steps} steps"
+        if not finite(result.losses) or not bool(torch.isfinite(values).all()):
+            return "non-finite loss or value"
+        return ""
+
+    def aggregate(self, server, round_: int, paths, results: dict, probe: bool):
+        import torch
+
+        grad_ips = {p.client: list(results[p.client].grad_ips) if results[p.client].grad_ips is not None
+                    else [math.nan] * len(p.seeds) for p in paths}
+        if probe or not paths:  # nothing to apply: every worker keeps its values
+            return SyncMessage(round=round_, terms=[], sharing=server.cfg.fed.seed_sharing), grad_ips
+        total = torch.zeros(server.theta.numel(), dtype=torch.float64)
+        for p in sorted(paths, key=lambda p: p.client):
+            total.add_(results[p.client].values.double(), alpha=p.weight)
+        server.theta = total.float()
+        return SyncMessage(round=round_, theta=server.theta.clone()), grad_ips
+
+
+def masked_sgd_step_(view, theta, batch, label_ids, lr: float):
+    """One SGD step on the masked coordinates; updates theta in place and leaves the model holding it.
+
+    Returns (loss, masked gradient g: fp32, mask order). A non-finite loss or gradient leaves theta
+    as it was and returns (loss, None) for the caller to report."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..zo import verbalizer_logits
+
+    view.write_(theta)
+    params = dict(view.model.named_parameters())
+    touched = [params[name] for name in view.names]
+    flags = [(p, p.requires_grad) for p in view.model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in touched:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(verbalizer_logits(view.model, batch, label_ids), batch.labels)
+            grads = torch.autograd.grad(loss, touched)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    g = torch.cat([(grad.reshape(-1) if idx is None else grad.reshape(-1)[idx]).float().cpu()
+                   for grad, (_, idx, _, _) in zip(grads, view.slots)])
+    value = float(loss.detach())
+    if not (math.isfinite(value) and bool(torch.isfinite(g).all())):
+        return value, None
+    theta.add_(g, alpha=-lr)
+    view.write_(theta)
+    return value, g

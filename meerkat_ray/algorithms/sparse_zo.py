@@ -1,0 +1,78 @@
+"""`sparse_zo` (the default): Meerkat's sparse SPSA step on the masked coordinates.
+
+Client, per step t with seed s_t: z = randn(n) from s_t, two forwards at theta +- eps z, one scalar
+g_t, theta <- theta - lr g_t z (`zo.zo_step_`). Server: replays the virtual paths from (seeds,
+scalars), GradIP = g_t <g_pre, z_t>, aggregation terms of `fed.aggregation`; every worker applies
+the same terms, so the run replays bit for bit from path.parquet.
+
+Bytes per client per round: uplink 8 (round) + 8 (client) + 8 T (scalars) + 4 T (losses); downlink
+the plan, 8 (5 + T) with the round's seed list, plus the sync message, 8 + 8 T (round sharing) or
+8 + 16 K T (client sharing). Nothing of size n or d. Memory: the model for inference (no gradients,
+no optimizer state), the fp32 master values theta and two z's of n floats.
+"""
+from __future__ import annotations
+
+from ..messages import SyncMessage
+from .base import Algorithm, LocalOutcome, finite, register
+
+
+@register("sparse_zo")
+class SparseZO(Algorithm):
+    replayable = True
+    uses_seeds = True
+
+    def local_steps(self, worker, plan, theta) -> LocalOutcome:
+        from ..zo import perturbations, zo_step_
+
+        scalars, losses = [], []
+        seeds = plan.seeds[: plan.steps]
+        draws = perturbations(seeds, theta.numel())  # the next z is drawn while this step's forwards run
+        try:
+            for t, (seed, z) in enumerate(zip(seeds, draws)):
+                batch = worker.data.batch(plan.client, plan.cursor + t * worker.batch_size, worker.batch_size)
+                scalar, loss = zo_step_(worker.view, theta, seed, batch.to(worker.device), worker.label_ids,
+                                        worker.eps, plan.lr, worker.clip, z=z)
+                scalars.append(scalar)
+                losses.append(loss)
+        finally:
+            draws.close()
+        return LocalOutcome(scalars=scalars, losses=losses)
+
+    def check_upload(self, plan, result, n: int, clip: float) -> str:
+        """With `clip` > 0 (zo.clip) honest clients never send |scalar| > clip, so a larger one is refused."""
+        if len(result.scalars) != plan.steps or len(result.losses) != plan.steps:
+            return f"sent {len(result.scalars)} scalars for {plan.steps} steps"
+        try:
+            [float(v) for v in list(result.scalars) + list(result.losses)]
+        except (TypeError, ValueError):
+            return "non-numeric scalar or loss"
+        if not finite(list(result.scalars) + list(result.losses)):
+            return "non-finite scalar or loss"
+        if clip > 0 and any(abs(float(v)) > clip for v in result.scalars):
+            return f"scalar above zo.clip={clip:g}"
+        return ""
+
+    def aggregate(self, server, round_: int, paths, results: dict, probe: bool):
+        import math
+
+        import torch
+
+        from ..path import apply_terms_
+        from ..zo import perturbations
+
+        terms = server.rule.terms(paths, server.cfg.fed.seed_sharing)
+        dots: dict[int, float] = {}
+
+        def on_z(seed: int, z: torch.Tensor) -> None:
+            if server.g_pre is not None:
+                dots[seed] = float(torch.dot(server.g_pre, z.double()))
+
+        if probe:  # GradIP still needs every z; nothing is applied, nothing is sent to sync
+            seeds = [t.seed for t in terms]
+            for seed, z in zip(seeds, perturbations(seeds, server.theta.numel())):
+                on_z(seed, z)
+            terms = []
+        else:
+            apply_terms_(server.theta, terms, on_z)
+        grad_ips = {p.client: [g * dots.get(s, math.nan) for s, g in zip(p.seeds, p.scalars)] for p in paths}
+        return SyncMessage(round=round_, terms=terms, sharing=server.cfg.fed.seed_sharing), grad_ips

@@ -1,0 +1,188 @@
+"""Client algorithms (`fed.algorithm`): the first-order step against an independent autograd
+computation, its FedAvg, byte accounting, refusal to replay, resume; sweeps over the algorithm."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_RUN, assert_same_run
+
+from meerkat_ray.client import ClientData, ClientWorker
+from meerkat_ray.config import load_config
+from meerkat_ray.errors import ConfigError, MeerkatError
+from meerkat_ray.messages import ClientPlan, ClientResult, LOSS_BYTES, VALUE_BYTES, WORD
+from meerkat_ray.path import replay_path, replay_run
+from meerkat_ray.runlog import load_theta, read_metrics, read_path
+from meerkat_ray.runner import run_experiment
+from meerkat_ray.server import Server
+from meerkat_ray.zo import MaskedView
+
+LR = 0.05
+ROOT = Path(__file__).resolve().parent.parent
+FO_RUN = TINY_RUN + ["data.num_train=96", "data.num_clients=3", "data.partition=iid", "fed.rounds=3",
+                     "fed.local_steps=2", "fed.eval_every=3", "vp.enabled=false", "ray.backend=local",
+                     "fed.algorithm=first_order", "fed.fo_lr=0.05"]
+
+
+def fo_worker(lm, mask, tokens, labels, label_ids) -> ClientWorker:
+    halves = [np.arange(0, len(tokens), 2), np.arange(1, len(tokens), 2)]
+    data = ClientData(tokens, labels, halves, seed=0, pad_id=lm.tokenizer.pad_token_id)
+    theta = MaskedView(lm.model, mask).gather()
+    return ClientWorker(lm.model, mask, theta, data, label_ids, eps=1e-3, batch_size=4, device=lm.device,
+                        algorithm="first_order")
+
+
+def test_first_order_steps_are_autograd_on_the_full_model_restricted_to_the_mask(
+        fresh_lm, tiny_lm, tiny_mask, tiny_tokens, tiny_label_ids):
+    """Two local steps of client 1: each equals SGD with the full model's autograd gradient read at
+    the masked coordinates, on the batches a ZO client would read; GradIP = <g_pre, g>; nothing
+    outside the mask moves, and the worker's model is back on the global values afterwards."""
+    worker = fo_worker(fresh_lm, tiny_mask, *tiny_tokens, tiny_label_ids)
+    worker.g_pre = torch.randn(tiny_mask.n, generator=torch.Generator().manual_seed(5))
+    before = {k: v.clone() for k, v in fresh_lm.model.state_dict().items()}
+    result = worker.run(ClientPlan(round=1, client=1, seeds=[], steps=2, lr=LR, cursor=4))
+
+    reference = copy.deepcopy(tiny_lm.model)  # independent: every parameter requires a gradient
+    for p in reference.parameters():
+        p.requires_grad_(True)
+    params = dict(reference.named_parameters())
+    theta = MaskedView(reference, tiny_mask).gather()
+    losses, grad_ips = [], []
+    for t in range(2):
+        batch = worker.data.batch(1, 4 + 4 * t, 4)
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                           logits_to_keep=1, use_cache=False).logits[:, -1, :].index_select(-1, tiny_label_ids)
+        loss = F.cross_entropy(logits.float(), batch.labels)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        full = dict(zip(params, grads))
+        g = torch.cat([full[name].reshape(-1)[idx] for name, idx in tiny_mask.indices.items()])
+        theta = theta - LR * g
+        MaskedView(reference, tiny_mask).write_(theta)
+        losses.append(float(loss.detach()))
+        grad_ips.append(float(worker.g_pre.double() @ g.double()))
+    assert torch.allclose(result.values, theta, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(result.values, worker.theta_global)
+    assert result.losses == pytest.approx(losses, rel=1e-5) and result.scalars == []
+    assert result.grad_ips == pytest.approx(grad_ips, rel=1e-4)
+    # the local point only differs from the start at masked coordinates
+    MaskedView(fresh_lm.model, tiny_mask).write_(result.values)
+    for name, value in fresh_lm.model.state_dict().items():
+        moved = (value != before[name]).reshape(-1)
+        if name in tiny_mask.indices:
+            outside = torch.ones_like(moved)
+            outside[tiny_mask.indices[name]] = False
+            assert not moved[outside].any(), name
+        else:
+            assert not moved.any(), name
+    assert all(p.requires_grad for p in fresh_lm.model.parameters()) == all(
+        p.requires_grad for p in tiny_lm.model.parameters())  # the flags are left as they were
+
+
+def test_the_server_averages_the_clients_values_with_their_weights():
+    cfg = load_config(None, [*TINY_RUN, "data.num_clients=2", "vp.enabled=false", "fed.algorithm=first_order",
+                             "fed.local_steps=1"])
+    server = Server(cfg, torch.zeros(3), None, client_sizes=[10, 30])
+    plans = server.plan_round(1)
+    assert [p.seeds for p in plans] == [[], []] and plans[0].lr == cfg.zo.lr  # fo_lr 0 = zo.lr
+    values = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([5.0, -2.0, 0.0])]
+    results = [ClientResult(1, k, [], [0.5], values=values[k]) for k in range(2)]
+    outcome = server.finish_round(1, plans, results)
+    expected = (0.25 * values[0].double() + 0.75 * values[1].double()).float()
+    assert torch.equal(server.theta, expected) and torch.equal(outcome.sync.theta, expected)
+    assert list(outcome.path_rows["seed"]) == [-1, -1] and outcome.path_rows["scalar"].isna().all()
+    assert outcome.metrics["uplink_bytes"] == 2 * (2 * WORD + LOSS_BYTES + 3 * VALUE_BYTES)
+    # a wrong-sized or non-finite upload is rejected and leaves the values alone
+    bad = [ClientResult(2, 0, [], [0.5], values=torch.ones(2)),
+           ClientResult(2, 1, [], [0.5], values=torch.tensor([1.0, float("nan"), 0.0]))]
+    outcome = server.finish_round(2, server.plan_round(2), bad)
+    assert sorted(outcome.metrics["rejected_clients"]) == [0, 1] and torch.equal(server.theta, expected)
+
+
+def test_first_order_combinations_that_cannot_work_are_config_errors():
+    for extra, key in [("fed.aggregation=median", "fed.aggregation"), ("zo.clip=1.0", "zo.clip")]:
+        with pytest.raises(ConfigError, match=f"^{key}:.*first_order"):
+            load_config(None, ["fed.algorithm=first_order", extra])
+    load_config(None, ["fed.algorithm=first_order"])  # Meerkat-vp runs on the clients' exact GradIPs
+
+
+@pytest.fixture(scope="module")
+def fo_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fo")
+    run_experiment(load_config(None, [*FO_RUN, "name=fo", f"output_dir={root}"]), progress=False)
+    return root / "fo"
+
+
+@pytest.mark.slow
+def test_a_first_order_run_counts_n_values_up_and_down_and_says_it_is_not_replayable(fo_run):
+    n = load_theta(fo_run / "sparse_init.safetensors").numel()
+    k, steps = 3, 2
+    metrics = read_metrics(fo_run)[1:]
+    up = k * (2 * WORD + steps * LOSS_BYTES + n * VALUE_BYTES)      # ids, losses, the n float32 values
+    down = k * (5 * WORD + WORD + n * VALUE_BYTES)                   # the plan (no seeds), the new values
+    assert [m["uplink_bytes"] for m in metrics] == [up] * 3 and [m["downlink_bytes"] for m in metrics] == [down] * 3
+    summary = json.loads((fo_run / "summary.json").read_text())
+    assert summary["algorithm"] == "first_order" and summary["replayable"] is False
+    assert summary["uplink_bytes"] == 3 * up and summary["downlink_bytes"] == 3 * down
+    final, init = (load_theta(fo_run / f) for f in ("sparse_final.safetensors", "sparse_init.safetensors"))
+    assert not torch.equal(final, init)
+    path = read_path(fo_run)
+    assert len(path) == 3 * k * steps and (path["seed"] == -1).all() and path["scalar"].isna().all()
+    with pytest.raises(MeerkatError, match="not seed-replayable") as err:
+        replay_path(init, path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(MeerkatError, match="fed.algorithm=first_order is not seed-replayable"):
+        replay_run(fo_run)
+
+
+@pytest.mark.slow
+def test_a_killed_first_order_run_resumes_bit_for_bit(fo_run, tmp_path):
+    """SIGKILL in the middle of round 2 (client 1's second step), then `run --resume`: the run ends
+    exactly where the uninterrupted one did (tests/killpoints.py)."""
+    from meerkat_ray.cli import main
+
+    marker = tmp_path / "mid.marker"
+    jobs = [{"point": "mid-round", "round": 2, "marker": str(marker),
+             "argv": ["run", *FO_RUN, "name=killed", f"output_dir={tmp_path}", "--quiet"]}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "KILLPOINT_EVAL_EVERY": "3"}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "killpoints.py"), str(tmp_path / "jobs.json")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "jobs.status.json").read_text()) == {str(marker): -signal.SIGKILL}
+    assert marker.read_text().startswith("mid-round round 2")
+    assert main(["run", "--resume", str(tmp_path / "killed"), "--quiet"]) == 0
+    assert_same_run(fo_run, tmp_path / "killed")
+
+
+def test_a_sweep_over_the_algorithm_validates(tmp_path):
+    from meerkat_ray.sweep import load_sweep
+
+    import yaml
+
+    from meerkat_ray.config import parse_override, set_dotted
+
+    base: dict = {}
+    for item in TINY_RUN + ["vp.enabled=false"]:
+        set_dotted(base, *parse_override(item))
+    spec = {"base": base, "grid": {"fed.algorithm": ["sparse_zo", "first_order"]}}
+    (tmp_path / "algos.yaml").write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(tmp_path / "algos.yaml")
+    assert [c.fed.algorithm for c in sweep.configs] == ["sparse_zo", "first_order"]
+
+
+def test_analysis_names_the_algorithm():
+    from analysis.methods import method_label
+
+    assert method_label({"fed": {"algorithm": "sparse_zo"}, "vp": {"enabled": True}}) == "Meerkat-vp"
+    assert method_label({"fed": {"algorithm": "first_order"}}) == "First-order FedAvg"
+    assert method_label({"fed": {"algorithm": "first_order"}, "mask": {"kind": "random"},
+                         "vp": {"enabled": True}}) == "First-order FedAvg, Random mask + VPCS"
