@@ -61,11 +61,16 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 def inert(key: str, flat: dict) -> bool:
     """A key that has no effect on this run: the VPCS settings with `vp.enabled` false, the trim
-    fraction without trimmed-mean aggregation."""
+    fraction without trimmed-mean aggregation, what another `fed.algorithm` reads (fo_lr, lora.*,
+    the mask size under lora_zo, the ZO step's eps / lr under first_order with its own lr)."""
     if key.startswith("vp.") and not flat.get("vp.enabled", False):
         return True
     algorithm = flat.get("fed.algorithm", "sparse_zo")
     if key == "fed.fo_lr" and algorithm != "first_order" or key.startswith("lora.") and algorithm != "lora_zo":
+        return True
+    if algorithm == "lora_zo" and key in ("mask.density", "mask.eligible"):  # the adapters are trained instead
+        return True
+    if algorithm == "first_order" and (key == "zo.eps" or key == "zo.lr" and flat.get("fed.fo_lr", 0.0) > 0):
         return True
     return key == "fed.trim_fraction" and flat.get("fed.aggregation", "mean") != "trimmed_mean"
 

@@ -17,10 +17,9 @@ import torch
 
 from .client import WorkerHost
 from .config import Config
-from .experiment import DataSetup, build_worker, prepare_mask, test_batches
+from .experiment import DataSetup, build_worker, load_run_model, prepare_mask, test_batches
 from .mask import Mask
 from .messages import ClientPlan, ClientResult
-from .models import load_model
 from .server import RoundOutcome, Server
 
 
@@ -29,7 +28,7 @@ class ClientActor(WorkerHost):
     def __init__(self, cfg: Config, data: DataSetup, name: str):
         torch.set_num_threads(cfg.model.num_threads or max(1, int(cfg.ray.cpus_per_client)))
         self.cfg, self.data, self.name = cfg, data, name
-        self.lm = load_model(cfg.model, cfg.seed)
+        self.lm = load_run_model(cfg)
         self.worker = None
 
     def compute_mask(self) -> tuple[Mask, torch.Tensor]:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .algorithms import ALGORITHMS
+from .algorithms.lora_zo import LoRAConfig
 from .errors import ConfigError
 from .gradip import check_calibration
 from .mask_kinds import MASK_SCORES
@@ -79,7 +80,7 @@ class FedConfig:
     aggregation: str = "mean"      # mean (FedAvg) | median | trimmed_mean: per shared seed, over the clients' scalars
     trim_fraction: float = 0.1     # trimmed_mean: fraction of the lowest and of the highest scalars dropped per seed
     clients_per_round: int = 0     # clients sampled uniformly per round (seeded by run seed and round); 0 = all
-    algorithm: str = "sparse_zo"   # sparse_zo (Meerkat) | first_order (backprop + FedAvg of the masked values)
+    algorithm: str = "sparse_zo"   # sparse_zo (Meerkat) | first_order (backprop + FedAvg of the masked values) | lora_zo (LoRA-FedZO)
     fo_lr: float = 0.0             # first_order: SGD learning rate on the masked values; 0 = zo.lr
 
 
@@ -134,6 +135,7 @@ class Config:
     zo: ZOConfig = field(default_factory=ZOConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     vp: VPConfig = field(default_factory=VPConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # lora_zo's adapters (algorithms/lora_zo.py)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -190,6 +192,8 @@ RANGES = [
     ("fed.trim_fraction", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
     ("fed.clients_per_round", lambda v: v >= 0, ">= 0"),
     ("fed.fo_lr", lambda v: v >= 0, ">= 0"),
+    ("lora.rank", lambda v: v >= 1, ">= 1"),
+    ("lora.alpha", lambda v: v > 0, "> 0"),
     ("vp.sigma", lambda v: v > 0, "> 0"),
     ("vp.rho", lambda v: v > 0, "> 0"),
     ("vp.min_quiet_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),

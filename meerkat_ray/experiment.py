@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .algorithms import make_algorithm
 from .client import ClientData, ClientWorker
 from .config import Config
 from .errors import ConfigError, MeerkatError
@@ -104,14 +105,22 @@ def check_model(cfg: Config) -> None:
 
 
 def prepare_mask(cfg: Config, lm: LoadedModel, progress: bool = True) -> tuple[Mask, torch.Tensor]:
-    """Mask (cached on disk) and the initial masked values theta_0 (fp32, mask order)."""
-    mask = get_mask(lm, cfg.mask, cfg.seed, need_g_pre=cfg.vp.enabled, progress=progress)
+    """Mask (cached on disk) and the initial masked values theta_0 (fp32, mask order); the
+    algorithm may train other coordinates (lora_zo: its adapters)."""
+    mask = make_algorithm(cfg.fed.algorithm).make_mask(lm, cfg, progress)
+    if mask is None:
+        mask = get_mask(lm, cfg.mask, cfg.seed, need_g_pre=cfg.vp.enabled, progress=progress)
     return mask, MaskedView(lm.model, mask).gather()
+
+
+def load_run_model(cfg: Config) -> LoadedModel:
+    """The model every process of the run builds: the loaded one, as the algorithm adapts it."""
+    return make_algorithm(cfg.fed.algorithm).adapt_model(load_model(cfg.model, cfg.seed), cfg)
 
 
 def prepare_model(cfg: Config, progress: bool = True) -> tuple[LoadedModel, Mask, torch.Tensor]:
     """Model, mask and theta_0."""
-    lm = load_model(cfg.model, cfg.seed)
+    lm = load_run_model(cfg)
     return (lm, *prepare_mask(cfg, lm, progress))
 
 

@@ -112,6 +112,8 @@ def test_first_order_combinations_that_cannot_work_are_config_errors():
         with pytest.raises(ConfigError, match=f"^{key}:.*first_order"):
             load_config(None, ["fed.algorithm=first_order", extra])
     load_config(None, ["fed.algorithm=first_order"])  # Meerkat-vp runs on the clients' exact GradIPs
+    with pytest.raises(ConfigError, match="^lora.targets:"):
+        load_config(None, ["fed.algorithm=lora_zo", "lora.targets= , "])
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +165,15 @@ def test_a_killed_first_order_run_resumes_bit_for_bit(fo_run, tmp_path):
     assert_same_run(fo_run, tmp_path / "killed")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_first_order_run_on_ray_ends_bit_for_bit_where_the_local_one_does(ray_cluster, fo_run, tmp_path):
+    """The n-sized values travel through the object store (results up, one sync message down)."""
+    run_experiment(load_config(None, [*FO_RUN, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5",
+                                      "name=ray", f"output_dir={tmp_path}"]), progress=False)
+    assert_same_run(fo_run, tmp_path / "ray")
+
+
 def test_a_sweep_over_the_algorithm_validates(tmp_path):
     from meerkat_ray.sweep import load_sweep
 
@@ -186,3 +197,92 @@ def test_analysis_names_the_algorithm():
     assert method_label({"fed": {"algorithm": "first_order"}}) == "First-order FedAvg"
     assert method_label({"fed": {"algorithm": "first_order"}, "mask": {"kind": "random"},
                          "vp": {"enabled": True}}) == "First-order FedAvg, Random mask + VPCS"
+
+
+# ----------------------------------------------------------------------------- lora_zo (LoRA-FedZO)
+
+LORA_RUN = TINY_RUN + ["data.num_train=96", "data.num_clients=3", "data.partition=iid", "fed.rounds=2",
+                       "fed.local_steps=2", "fed.eval_every=2", "vp.enabled=false", "ray.backend=local",
+                       "fed.algorithm=lora_zo"]
+
+
+def test_lora_adapters_start_at_the_pretrained_model_and_a_zo_step_moves_only_them(
+        fresh_lm, tiny_lm, tiny_batch, tiny_label_ids):
+    from meerkat_ray.algorithms import make_algorithm
+    from meerkat_ray.zo import label_logits, zo_step_
+
+    cfg = load_config(None, [*LORA_RUN, "vp.enabled=true"])
+    algorithm = make_algorithm("lora_zo")
+    lm = algorithm.adapt_model(fresh_lm, cfg)
+    assert torch.equal(label_logits(lm.model, tiny_batch, tiny_label_ids),
+                       label_logits(tiny_lm.model, tiny_batch, tiny_label_ids))  # B = 0: the pre-trained model
+    mask = algorithm.make_mask(lm, cfg, progress=False)
+    shapes = {n: p.shape for n, p in lm.model.named_parameters()}
+    assert mask.indices and all(".lora_A." in n or ".lora_B." in n for n in mask.indices)
+    assert mask.n == sum(shapes[n].numel() for n in mask.indices) and mask.meta["kind"] == "lora"
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in mask.indices} == {"q_proj", "v_proj"}
+    g_pre = mask.pretrain_grad  # Meerkat-vp's g_pre on the adapters: zero on A while B = 0
+    offsets = np.cumsum([0] + [idx.numel() for idx in mask.indices.values()])
+    on_a = torch.cat([torch.full((int(e - s),), ".lora_A." in n) for n, s, e in zip(mask.indices, offsets, offsets[1:])])
+    assert torch.isfinite(g_pre).all() and not g_pre[on_a].any() and g_pre[~on_a].any()
+
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    view = MaskedView(lm.model, mask)
+    theta = view.gather()
+    scalar, _ = zo_step_(view, theta, 7, tiny_batch, tiny_label_ids, eps=1e-3, lr=1e-2)
+    after = lm.model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(".lora_" in k for k in changed) and isinstance(scalar, float)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lora")
+    run_experiment(load_config(None, [*LORA_RUN, "name=lora", f"output_dir={root}"]), progress=False)
+    return root / "lora"
+
+
+@pytest.mark.slow
+def test_a_lora_zo_run_sends_scalars_replays_and_exports_merged(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from meerkat_ray.algorithms import make_algorithm
+    from meerkat_ray.experiment import load_run_model
+    from meerkat_ray.mask import load_mask
+    from meerkat_ray.models import load_model
+    from meerkat_ray.runner import export_model
+    from meerkat_ray.zo import collate, label_logits
+
+    k, steps = 3, 2
+    metrics = read_metrics(lora_run)[1:]
+    assert [m["uplink_bytes"] for m in metrics] == [k * (2 * WORD + steps * (WORD + LOSS_BYTES))] * 2  # scalars only
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert summary["algorithm"] == "lora_zo" and summary["replayable"] is True
+    final, init = (load_theta(lora_run / f) for f in ("sparse_final.safetensors", "sparse_init.safetensors"))
+    assert not torch.equal(final, init) and torch.equal(replay_run(lora_run), final)
+
+    cfg = load_config(None, [*LORA_RUN, "name=lora", f"output_dir={lora_run.parent}"])
+    adapted = load_run_model(cfg)
+    MaskedView(adapted.model, load_mask(lora_run / "mask.safetensors")).write_(final)
+    export_model(lora_run, tmp_path / "exported")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    assert not any("lora_" in name for name in merged.state_dict())
+    ids = [adapted.tokenizer(f"Review {i}: it was")["input_ids"] for i in range(4)]
+    batch = collate(ids, [0, 1, 0, 1], adapted.tokenizer.pad_token_id)
+    label_ids = torch.tensor([5, 9])
+    assert torch.allclose(label_logits(merged, batch, label_ids), label_logits(adapted.model, batch, label_ids),
+                          atol=1e-5, rtol=1e-5)
+    pretrained = load_model(cfg.model, cfg.seed).model  # the adapters did change the outputs
+    assert not torch.allclose(label_logits(pretrained, batch, label_ids), label_logits(merged, batch, label_ids),
+                              atol=1e-5, rtol=1e-5)
+    assert make_algorithm("lora_zo").replayable
+
+
+def test_analysis_ignores_the_keys_an_algorithm_does_not_read():
+    from analysis.methods import inert
+
+    assert inert("fed.fo_lr", {"fed.algorithm": "sparse_zo"}) and not inert("fed.fo_lr", {"fed.algorithm": "first_order"})
+    assert inert("lora.rank", {}) and not inert("lora.rank", {"fed.algorithm": "lora_zo"})
+    assert inert("mask.density", {"fed.algorithm": "lora_zo"}) and not inert("mask.density", {})
+    assert inert("zo.lr", {"fed.algorithm": "first_order", "fed.fo_lr": 0.1})
+    assert not inert("zo.lr", {"fed.algorithm": "first_order", "fed.fo_lr": 0.0})

@@ -68,6 +68,8 @@ BOUNDS = {
     "fed.trim_fraction": ([0.0, 0.49], [0.5, -0.01]),               # dropping half from each end leaves nothing
     "fed.clients_per_round": ([0, 1, 6], [-1, 7]),                 # 0 = all; at most the 6 clients there are
     "fed.fo_lr": ([0.0, 1e-12], [-1e-3]),                           # 0 = zo.lr
+    "lora.rank": ([1], [0]),
+    "lora.alpha": ([1e-9], [0.0]),
     "vp.sigma": ([1e-9], [0.0]),
     "vp.rho": ([1e-9], [0.0]),
     "vp.min_quiet_fraction": ([0.0, 1.0], [-0.01, 1.01]),
@@ -90,7 +92,7 @@ CONTRACT_CHOICES = {
     "mask.calib_corpus": {"pydoc", "c4"},
     "fed.seed_sharing": {"round", "client"},
     "fed.aggregation": {"mean", "median", "trimmed_mean"},
-    "fed.algorithm": {"sparse_zo", "first_order"},
+    "fed.algorithm": {"sparse_zo", "first_order", "lora_zo"},
     "vp.policy": {"gradip", "random"},
     "vp.calibration": {"first_round", "probe", "rounds"},
     "vp.statistic": {"mean", "median"},

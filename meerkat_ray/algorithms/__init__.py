@@ -4,6 +4,7 @@ of choices (config validation reads it). Each module states its bytes per round 
 """
 from . import sparse_zo  # noqa: F401  (registration; the default first)
 from . import first_order  # noqa: F401
+from . import lora_zo  # noqa: F401
 from .base import ALGORITHMS, Algorithm, LocalOutcome, make_algorithm
 
 __all__ = ["ALGORITHMS", "Algorithm", "LocalOutcome", "make_algorithm"]

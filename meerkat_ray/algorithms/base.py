@@ -7,6 +7,9 @@ An algorithm is a class registered with `@register("name")`; it has three parts:
 - `check_upload(plan, result, n, clip)`: on the server, why a result is refused ('' = accepted);
 - `aggregate(server, round_, paths, results, probe)`: on the server, the new global values and the
   SyncMessage that brings every worker to them, plus each accepted client's GradIP trajectory.
+Hooks with defaults (the plain model and the run's mask): `adapt_model(lm, cfg)` changes the model
+every process builds (lora_zo: attaches adapters), `make_mask(lm, cfg, progress)` gives the trained
+coordinates (None = the mask of `mask.*`), `export_model(model)` the model `meerkat-ray export` saves.
 Class attributes say what the run folder can promise: `replayable` (path.parquet and
 sparse_init.safetensors rebuild sparse_final) and `uses_seeds` (plans carry the round's seeds).
 
@@ -58,6 +61,15 @@ class Algorithm:
     def aggregate(self, server, round_: int, paths, results: dict, probe: bool):
         """-> (SyncMessage, {client: GradIP per step}); updates server.theta."""
         raise NotImplementedError
+
+    def adapt_model(self, lm, cfg):
+        return lm
+
+    def make_mask(self, lm, cfg, progress: bool):
+        return None
+
+    def export_model(self, model):
+        return model
 
 
 def finite(values) -> bool:
