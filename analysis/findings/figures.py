@@ -224,8 +224,9 @@ def bar_plot(groups: dict, file: Path, title: str, xlabel: str, loss: bool = Fal
             ax.annotate(f"s{r['cfg']['seed']}", (x, r["summary"]["final_accuracy"]), fontsize=7,
                         xytext=(4, 0), textcoords="offset points")
         ax.plot([i - 0.25, i + 0.25], [np.mean(accs)] * 2, color="#c0392b", lw=2)
-    zero = next(iter(groups.values()))[0]["summary"]["zero_shot_accuracy"]
-    ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f}")
+    first_run = next(iter(groups.values()))[0]
+    zero = first_run["summary"]["zero_shot_accuracy"]
+    ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f} (seed {first_run['cfg']['seed']})")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel(xlabel)
     n_test = next(iter(groups.values()))[0]["summary"]["num_test"]
@@ -285,6 +286,21 @@ def method_label(r: dict) -> str:
     return "Meerkat" if not vp["enabled"] else ("Meerkat-vp" if vp["policy"] == "gradip" else "random stop")
 
 
+def paired_differences(groups: dict, baseline: str) -> None:
+    """Each method minus the baseline on the same seed (same partition and test set), mean ± s.e."""
+    base = {r["cfg"]["seed"]: r["summary"] for r in groups.get(baseline, [])}
+    print(f"\n| method − {baseline} (same seed) | seeds | accuracy, mean ± s.e. | test loss, mean ± s.e. |")
+    print("|---|---|---|---|")
+    for label, group in groups.items():
+        pairs = [(r["summary"], base[r["cfg"]["seed"]]) for r in group if label != baseline and r["cfg"]["seed"] in base]
+        if not pairs:
+            continue
+        acc = np.array([s["final_accuracy"] - b["final_accuracy"] for s, b in pairs])
+        loss = np.array([s["final_test_loss"] - b["final_test_loss"] for s, b in pairs])
+        sem = (lambda v: f"{np.std(v, ddof=1) / math.sqrt(len(v)):.4f}") if len(pairs) > 1 else (lambda v: "-")
+        print(f"| {label} | {len(pairs)} | {acc.mean():+.3f} ± {sem(acc)} | {loss.mean():+.4f} ± {sem(loss)} |")
+
+
 def part_f(root: Path, out: Path) -> None:
     """The accuracy claim on the embedded default: per seed, then mean ± s.e. over seeds."""
     runs = runs_of(root / "f")
@@ -310,6 +326,7 @@ def part_f(root: Path, out: Path) -> None:
             quality = "-"
         print(f"| {label} | {n} | {acc.mean():.3f} ± {sem(acc):.3f} | {loss.mean():.4f} ± {sem(loss):.4f} | "
               f"{steps:.0f} | {quality} |")
+    paired_differences(groups, "Meerkat")
     bar_plot(groups, out / "f_vp.png", "Early stopping on the embedded default (6 clients, 2 single-label)",
              "method", loss=True)
 
