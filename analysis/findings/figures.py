@@ -331,14 +331,58 @@ def part_f(root: Path, out: Path) -> None:
              "method", loss=True)
 
 
+def thresholds(sweep: Path, out: Path) -> None:
+    """The sigma x rho sweep (tune_configs/vp_thresholds.yaml): flagging precision, recall, final
+    accuracy and test loss per cell, each cell annotated with its value and the flagged clients."""
+    csv = sweep / "results.csv"
+    if not csv.exists():
+        return
+    table = pd.read_csv(csv)
+    sigmas, rhos = sorted(table["vp.sigma"].unique()), sorted(table["vp.rho"].unique())
+    panels = [("flag_precision", "flagging precision", "Greens"), ("flag_recall", "flagging recall", "Greens"),
+              ("final_accuracy", "final accuracy", "Blues"), ("final_test_loss", "final test loss", "Reds_r")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    print("\n| σ | ρ | flagged | precision | recall | final accuracy | final test loss |")
+    print("|---|---|---|---|---|---|---|")
+    for _, row in table.sort_values(["vp.sigma", "vp.rho"]).iterrows():
+        fmt = lambda v: "-" if pd.isna(v) else f"{v:.2f}"  # noqa: E731
+        print(f"| {row['vp.sigma']:g} | {row['vp.rho']:g} | {row['flagged_clients']} | {fmt(row['flag_precision'])} | "
+              f"{fmt(row['flag_recall'])} | {row['final_accuracy']:.3f} | {row['final_test_loss']:.4f} |")
+    for ax, (column, title, cmap) in zip(axes, panels):
+        grid = np.full((len(sigmas), len(rhos)), np.nan)
+        for _, row in table.iterrows():
+            grid[sigmas.index(row["vp.sigma"]), rhos.index(row["vp.rho"])] = row[column]
+        ax.imshow(grid, cmap=cmap, origin="lower", aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            match = table[(table["vp.sigma"] == sigmas[i]) & (table["vp.rho"] == rhos[j])]
+            flagged = match["flagged_clients"].iloc[0] if len(match) else ""
+            text = "-" if np.isnan(value) else (f"{value:.3f}" if "final" in column else f"{value:.2f}")
+            ax.text(j, i, f"{text}\n{flagged}", ha="center", va="center", fontsize=8,
+                    bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1.5})
+        ax.set_xticks(range(len(rhos)), [f"{r:g}" for r in rhos])
+        ax.set_yticks(range(len(sigmas)), [f"{v:g}" for v in sigmas])
+        ax.set_xlabel("ρ")
+        ax.set_ylabel("σ")
+        ax.set_title(title, fontsize=10)
+    summaries = [Path(d) / "summary.json" for d in table.get("run_dir", pd.Series(dtype=str)).dropna()]
+    extreme = next((json.loads(f.read_text())["extreme_clients"] for f in summaries if f.exists()), "?")
+    fig.suptitle(f"VPCS thresholds on the embedded default (cell: value, flagged clients; truly extreme {extreme})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "d_thresholds.png", dpi=DPI)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/findings", help="folder holding the parts' run folders")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="where the PNGs go")
+    parser.add_argument("--sweep", default="sweeps/vp_thresholds", help="the sigma x rho sweep folder")
     args = parser.parse_args()
     root, out = Path(args.runs), Path(args.out)
     for part in (part_a, part_b, part_c, part_d, part_f):
         part(root, out)
+    thresholds(Path(args.sweep), out)
 
 
 if __name__ == "__main__":
