@@ -145,6 +145,9 @@ def no_model_or_cluster(monkeypatch):
     for name in ("from_pretrained", "from_config"):
         monkeypatch.setattr(transformers.AutoModelForCausalLM, name, entered(f"AutoModelForCausalLM.{name}"))
     monkeypatch.setattr(ray, "init", entered("ray.init"))
+    # as in a fresh process, even after an earlier test started the session cluster: code that
+    # would use Ray reaches `ray.init` (and fails here) instead of placing actors on that cluster
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     yield
 
 
