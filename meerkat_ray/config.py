@@ -111,7 +111,7 @@ class RayConfig:
     dashboard_host: str = "127.0.0.1"  # embedded cluster's dashboard bind address
     max_actor_restarts: int = 8    # dead client actors replaced per run (their clients re-run); then the rest carry on
     chaos_kill_prob: float = 0.0   # fault injection: kill a client actor after a dispatch with this probability (seeded)
-    actor_start_timeout_s: float = 300.0  # wait this long for a lost server actor's replacement (or any client actor when none is left), then stop with an error
+    actor_start_timeout_s: float = 300.0  # wait this long for the run's actors to start, a lost server actor's replacement (or any client actor when none is left), then stop with an error
     task_events: bool = True       # Ray's per-task event records in client actors (dashboard task view); false saves ~30 KB of actor memory per client of a round
 
 

@@ -275,6 +275,7 @@ class RayExecutor:
         self.data_ref = ray.put(data)  # one copy in the object store for every actor (and replacements)
         self.actors = [self._new_actor(i) for i in range(cfg.ray.num_actors)]
         try:
+            self._await_start()
             self.mask, self.theta0 = ray.get(self.actors[0].compute_mask.remote())
             self.mask_ref, self.theta0_ref = ray.put(self.mask), ray.put(self.theta0)
             nodes = ray.get([a.start.remote(self.mask_ref, self.theta0_ref) for a in self.actors])  # set-up errors surface here
@@ -282,6 +283,22 @@ class RayExecutor:
             self.close()
             raise
         self.node_of.update((id(a), node) for a, node in zip(self.actors, nodes))
+
+    def _await_start(self) -> None:
+        """Every actor of the run is placed and built within ray.actor_start_timeout_s; a cluster
+        that cannot fit them (or an autoscaler that adds no node) is an error, never a silent wait."""
+        timeout = self.cfg.ray.actor_start_timeout_s
+        refs = [a.__ray_ready__.remote() for a in (self.server_actor, *self.actors)]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if pending:
+            rc = self.cfg.ray
+            need = {"CPU": CONTROL_CPUS + rc.num_actors * rc.cpus_per_client, "GPU": rc.num_actors * rc.gpus_per_client}
+            have = {k: ray.cluster_resources().get(k, 0) for k in ("CPU", "GPU")}
+            raise MeerkatError(f"{len(pending)} of the run's {len(refs)} actors did not start within {timeout:g} s "
+                               f"(ray.actor_start_timeout_s): the run needs {need['CPU']:g} CPUs and "
+                               f"{need['GPU']:g} GPUs, the cluster has {have['CPU']:g} CPUs and {have['GPU']:g} "
+                               "GPUs in all, some of them perhaps taken (ray.num_actors, ray.cpus_per_client, "
+                               "ray.gpus_per_client)")
 
     def _new_actor(self, slot: int):
         options = {} if self.cfg.ray.task_events else {"runtime_env": {"env_vars": NO_TASK_EVENTS}}
