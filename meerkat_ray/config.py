@@ -111,7 +111,8 @@ class RayConfig:
     dashboard_host: str = "127.0.0.1"  # embedded cluster's dashboard bind address
     max_actor_restarts: int = 8    # dead client actors replaced per run (their clients re-run); then the rest carry on
     chaos_kill_prob: float = 0.0   # fault injection: kill a client actor after a dispatch with this probability (seeded)
-    actor_start_timeout_s: float = 300.0  # wait this long for the run's actors to start, a lost server actor's replacement (or any client actor when none is left), then stop with an error
+    actor_start_timeout_s: float = 300.0  # wait this long for a lost server actor's replacement (or any client actor when none is left), then stop with an error
+    actor_setup_timeout_s: float = 900.0  # wait this long for the run's actors to be placed and load the model at start, then stop with an error
     task_events: bool = True       # Ray's per-task event records in client actors (dashboard task view); false saves ~30 KB of actor memory per client of a round
 
 
@@ -208,6 +209,7 @@ RANGES = [
     ("ray.max_actor_restarts", lambda v: v >= 0, ">= 0"),
     ("ray.chaos_kill_prob", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("ray.actor_start_timeout_s", lambda v: v > 0, "> 0"),
+    ("ray.actor_setup_timeout_s", lambda v: v > 0, "> 0"),
 ]
 # Keys naming files, folders or models: a NUL byte would reach the OS as a traceback, not an error line.
 PATH_KEYS = ("name", "output_dir", "model.name", "model.cache_dir", "data.source", "tracking.mlflow_uri",

@@ -285,9 +285,10 @@ class RayExecutor:
         self.node_of.update((id(a), node) for a, node in zip(self.actors, nodes))
 
     def _await_start(self) -> None:
-        """Every actor of the run is placed and built within ray.actor_start_timeout_s; a cluster
-        that cannot fit them (or an autoscaler that adds no node) is an error, never a silent wait."""
-        timeout = self.cfg.ray.actor_start_timeout_s
+        """Every actor of the run is placed and has loaded the model within ray.actor_setup_timeout_s;
+        a cluster that cannot fit them (or an autoscaler that adds no node) is an error, never a
+        silent wait."""
+        timeout = self.cfg.ray.actor_setup_timeout_s
         refs = [a.__ray_ready__.remote() for a in (self.server_actor, *self.actors)]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         if pending:
@@ -295,7 +296,7 @@ class RayExecutor:
             need = {"CPU": CONTROL_CPUS + rc.num_actors * rc.cpus_per_client, "GPU": rc.num_actors * rc.gpus_per_client}
             have = {k: ray.cluster_resources().get(k, 0) for k in ("CPU", "GPU")}
             raise MeerkatError(f"{len(pending)} of the run's {len(refs)} actors did not start within {timeout:g} s "
-                               f"(ray.actor_start_timeout_s): the run needs {need['CPU']:g} CPUs and "
+                               f"(ray.actor_setup_timeout_s): the run needs {need['CPU']:g} CPUs and "
                                f"{need['GPU']:g} GPUs, the cluster has {have['CPU']:g} CPUs and {have['GPU']:g} "
                                "GPUs in all, some of them perhaps taken (ray.num_actors, ray.cpus_per_client, "
                                "ray.gpus_per_client)")

@@ -136,19 +136,19 @@ def test_an_unreachable_address_is_refused_in_seconds(monkeypatch, capsys, tmp_p
 @pytest.mark.ray
 def test_a_run_whose_actors_cannot_fit_the_cluster_stops_with_an_error_not_a_wait(ray_cluster, tmp_path, capsys):
     """3 client actors of 1 CPU (+ the server's 0.25) on the 2-CPU test cluster can never be placed:
-    the run stops after ray.actor_start_timeout_s with one error line (exit 2) naming what it needs
+    the run stops after ray.actor_setup_timeout_s with one error line (exit 2) naming what it needs
     and what the cluster has, and the unplaced actors are gone (a 2-CPU task runs right after)."""
     from conftest import TINY_RUN
 
     from meerkat_ray.cli import main
 
     rc = main(["run", "--quiet", *TINY_RUN, "data.num_train=40", "data.num_test=4", "vp.enabled=false",
-               "ray.backend=ray", "ray.num_actors=3", "ray.cpus_per_client=1", "ray.actor_start_timeout_s=2",
+               "ray.backend=ray", "ray.num_actors=3", "ray.cpus_per_client=1", "ray.actor_setup_timeout_s=2",
                f"output_dir={tmp_path}"])
     assert rc == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
-    for part in ("did not start within 2 s", "ray.actor_start_timeout_s", "needs 3.25 CPUs", "has 2 CPUs"):
+    for part in ("did not start within 2 s", "ray.actor_setup_timeout_s", "needs 3.25 CPUs", "has 2 CPUs"):
         assert part in errors[0], (part, errors[0])
 
     @ray_cluster.remote(num_cpus=2)
