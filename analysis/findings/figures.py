@@ -331,14 +331,30 @@ def part_f(root: Path, out: Path) -> None:
              "method", loss=True)
 
 
+def sweep_table(sweep: Path) -> pd.DataFrame | None:
+    """One row per finished trial, from the trials' own run folders (so an interrupted sweep, whose
+    results.csv is written at its end, can be drawn too)."""
+    rows = []
+    for summary in sorted(sweep.glob("runs/*/summary.json")):
+        cfg = yaml.safe_load((summary.parent / "config.yaml").read_text())
+        s = json.loads(summary.read_text())
+        quality = s.get("flagging") or {}
+        rows.append({"vp.sigma": cfg["vp"]["sigma"], "vp.rho": cfg["vp"]["rho"], "flagged_clients": s["flagged_clients"],
+                     "flag_precision": quality.get("precision"), "flag_recall": quality.get("recall"),
+                     "final_accuracy": s["final_accuracy"], "final_test_loss": s["final_test_loss"],
+                     "run_dir": str(summary.parent)})
+    return pd.DataFrame(rows) if rows else None
+
+
 def thresholds(sweep: Path, out: Path) -> None:
     """The sigma x rho sweep (tune_configs/vp_thresholds.yaml): flagging precision, recall, final
     accuracy and test loss per cell, each cell annotated with its value and the flagged clients."""
-    csv = sweep / "results.csv"
-    if not csv.exists():
+    table = sweep_table(sweep)
+    if table is None:
         return
-    table = pd.read_csv(csv)
-    sigmas, rhos = sorted(table["vp.sigma"].unique()), sorted(table["vp.rho"].unique())
+    grid = yaml.safe_load((sweep / "sweep.yaml").read_text()).get("grid", {}) if (sweep / "sweep.yaml").exists() else {}
+    sigmas = sorted(set(table["vp.sigma"]) | set(grid.get("vp.sigma", [])))  # cells not run yet stay blank
+    rhos = sorted(set(table["vp.rho"]) | set(grid.get("vp.rho", [])))
     panels = [("flag_precision", "flagging precision", "Greens"), ("flag_recall", "flagging recall", "Greens"),
               ("final_accuracy", "final accuracy", "Blues"), ("final_test_loss", "final test loss", "Reds_r")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
