@@ -20,15 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..registry import registrar
+
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 
-def register(name: str):
-    def add(cls):
-        cls.name = name
-        ALGORITHMS[name] = cls
-        return cls
-    return add
+register = registrar(ALGORITHMS)
 
 
 def make_algorithm(name: str) -> Algorithm:

@@ -24,16 +24,12 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..messages import Term
+from ..registry import registrar
 
 AGGREGATIONS: dict[str, type[Aggregation]] = {}
 
 
-def register(name: str):
-    def add(cls):
-        cls.name = name
-        AGGREGATIONS[name] = cls
-        return cls
-    return add
+register = registrar(AGGREGATIONS)
 
 
 def make_rule(name: str, **params) -> Aggregation:

@@ -23,16 +23,12 @@ import numpy as np
 from ..errors import ConfigError
 from ..gradip import VPCSStats, gradip_flags
 from ..seeds import derive_seed
+from ..registry import registrar
 
 POLICIES: dict[str, type[Policy]] = {}
 
 
-def register(name: str):
-    def add(cls):
-        cls.name = name
-        POLICIES[name] = cls
-        return cls
-    return add
+register = registrar(POLICIES)
 
 
 def active_policies(cfg, rng: np.random.Generator) -> list[Policy]:
