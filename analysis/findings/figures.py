@@ -165,7 +165,7 @@ def part_b(root: Path, out: Path) -> None:
     ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    n_test = next(iter(groups.values()))[0]["summary"]["num_test"]
+    n_test = runs[0]["summary"]["num_test"]
     ax.set_ylabel(f"test accuracy ({n_test} tweets, ± 1 s.e.)")
     ax.set_title("Masks at equal steps (3 clients, Dirichlet α=0.5, T=5, R=3): accuracy vs lr")
     ax.grid(alpha=0.3)
@@ -180,6 +180,68 @@ def part_b(root: Path, out: Path) -> None:
     for r in table.itertuples():
         print(f"| {r.mask} | {r.n:,} | {r.lr:g} | {r.acc} | {r.loss:.4f} | {r.rms_g:.2f} | {r.up:,} | {r.down:,} | "
               f"{r.steps} | {r.wall:.0f} |")
+
+
+# ----------------------------------------------------------------------------- (b6) the paper's baselines
+
+METHODS = (("sparse_zo", "Meerkat (sparse ZO, pretrain_grad mask)", "tab:red"),
+           ("lora_zo", "LoRA-FedZO (ZO on LoRA adapters)", "tab:blue"),
+           ("first_order", "first-order FedAvg (masked backprop)", "tab:green"))
+
+
+def method_lr(r: dict) -> float:
+    fed, zo_lr = r["cfg"]["fed"], r["cfg"]["zo"]["lr"]
+    return (fed["fo_lr"] or zo_lr) if fed["algorithm"] == "first_order" else zo_lr
+
+
+def metrics_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def part_b6(root: Path, out: Path) -> None:
+    """Accuracy against cumulative uplink bytes (log) per method at its best learning rate by final
+    test loss, every grid point in a table."""
+    runs = runs_of(root / "b6")
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    rows = []
+    for algorithm, label, colour in METHODS:
+        mine = sorted((r for r in runs if r["cfg"]["fed"]["algorithm"] == algorithm), key=method_lr)
+        if not mine:
+            continue
+        best = min(mine, key=lambda r: r["summary"]["final_test_loss"])
+        for r in mine:
+            s, ms = r["summary"], metrics_of(r["dir"])
+            clients, rounds = r["cfg"]["data"]["num_clients"], s["rounds"]
+            rows.append({"method": label, "lr": method_lr(r), "n": s["mask_size"], "acc": acc_cell(s),
+                         "loss": s["final_test_loss"], "up": s["uplink_bytes"], "down": s["downlink_bytes"],
+                         "up_per": s["uplink_bytes"] / (clients * rounds), "wall": s["train_wall_s"],
+                         "best": r is best})
+        ms = [m for m in metrics_of(best["dir"]) if m["round"] > 0 and "accuracy" in m]
+        cumulative = np.cumsum([m["uplink_bytes"] for m in metrics_of(best["dir"]) if m["round"] > 0])
+        accs = [m["accuracy"] for m in ms]
+        n_test = best["summary"]["num_test"]
+        ax.errorbar(cumulative[: len(accs)], accs, yerr=[se(a, n_test) for a in accs], marker="o", capsize=3,
+                    color=colour, label=f"{label}, lr {method_lr(best):g}")
+    zero = runs[0]["summary"]["zero_shot_accuracy"]
+    ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink bytes, all clients (log)")
+    ax.set_ylabel(f"test accuracy ({runs[0]['summary']['num_test']} tweets, ± 1 s.e.)")
+    ax.set_title("Equal local steps (3 clients, Dirichlet α=0.5, T=5, R=3): accuracy vs uplink, rounds 1-3")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "b_uplink.png", dpi=DPI)
+    plt.close(fig)
+    print("\n### (b6) the paper's baselines: every grid point (bold: best test loss of the method)\n")
+    print("| method | lr | trained values n | accuracy ± s.e. | test loss | uplink B (all) | uplink B / client / round | downlink B (all) | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        b = "**" if r["best"] else ""
+        print(f"| {b}{r['method']}{b} | {r['lr']:g} | {r['n']:,} | {r['acc']} | {r['loss']:.4f} | {r['up']:,} | "
+              f"{r['up_per']:,.0f} | {r['down']:,} | {r['wall']:.0f} |")
 
 
 # ----------------------------------------------------------------------------- (c) T, (d) vp
@@ -396,7 +458,7 @@ def main() -> None:
     parser.add_argument("--sweep", default="sweeps/vp_thresholds", help="the sigma x rho sweep folder")
     args = parser.parse_args()
     root, out = Path(args.runs), Path(args.out)
-    for part in (part_a, part_b, part_c, part_d, part_f):
+    for part in (part_a, part_b, part_b6, part_c, part_d, part_f):
         part(root, out)
     thresholds(Path(args.sweep), out)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # run_all.sh - the exact commands behind analysis/findings/README.md, in the order they were run.
 #
-#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 c c2 d d2 e e2 f figures
-#                                               (default: a b b5 c c2 e e2 f figures; d, d2: the old (d))
+#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 b6 c c2 d d2 e e2 f figures
+#                                               (default: a b b5 b6 c c2 e e2 f figures; d, d2: the old (d))
 #
 # Run from anywhere inside the repository. Run folders go to runs/findings/<part>/ (git-ignored);
 # a run whose summary.json already exists is skipped, so the script can be re-run after an
@@ -71,6 +71,16 @@ b_4() { b_full 1e-5; }
 # weight-magnitude, random and full were best at the top of their grids: points higher up
 part_b5() { locked b_5; }
 b_5() { b_wm 1e-1; b_rnd 1e-1; b_wm 3e-1; b_full 3e-5; }
+
+# (b6) the paper's baselines on (b)'s setting, equal local steps, every round evaluated (for the
+# accuracy vs cumulative uplink bytes figure): Meerkat at (b)'s two best learning rates again,
+# LoRA-FedZO (ZO on peft LoRA adapters, rank 8 on q_proj/v_proj) and first-order FedAvg of the
+# masked values, each on its own learning-rate grid. One thread each (runs beside other jobs).
+part_b6() { locked b6_meerkat; locked b6_lora; locked b6_fo; }
+b6() { run b6 masks "$1" fed.eval_every=1 model.num_threads=1 "${@:2}"; }
+b6_meerkat() { for lr in 3e-4 1e-3; do b6 "meerkat-lr$lr" zo.lr=$lr; done; }
+b6_lora() { for lr in 1e-3 3e-3 1e-2 1e-1; do b6 "lora_zo-lr$lr" fed.algorithm=lora_zo zo.lr=$lr; done; }
+b6_fo() { for lr in 1e-3 1e-2 1e-1; do b6 "first_order-lr$lr" fed.algorithm=first_order fed.fo_lr=$lr; done; }
 
 # (c) T in {1, 5, 20} at 40 local steps per client, at the pretrain_grad learning rate that won (b).
 part_c() { locked c_runs; }
@@ -142,7 +152,7 @@ part_figures() { .venv/bin/python analysis/findings/figures.py; }
 
 main() {
   local parts=("$@")
-  [[ ${#parts[@]} -gt 0 ]] || parts=(a b b5 c c2 e e2 f figures)
+  [[ ${#parts[@]} -gt 0 ]] || parts=(a b b5 b6 c c2 e e2 f figures)
   for part in "${parts[@]}"; do
     declare -F "part_$part" >/dev/null || { echo "error: unknown part '$part'" >&2; exit 2; }
     "part_$part"
