@@ -204,7 +204,7 @@ def part_b6(root: Path, out: Path) -> None:
     runs = runs_of(root / "b6")
     if not runs:
         return
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, (ax, lax) = plt.subplots(1, 2, figsize=(13, 4.8))
     rows = []
     for algorithm, label, colour in METHODS:
         mine = sorted((r for r in runs if r["cfg"]["fed"]["algorithm"] == algorithm), key=method_lr)
@@ -224,13 +224,19 @@ def part_b6(root: Path, out: Path) -> None:
         n_test = best["summary"]["num_test"]
         ax.errorbar(cumulative[: len(accs)], accs, yerr=[se(a, n_test) for a in accs], marker="o", capsize=3,
                     color=colour, label=f"{label}, lr {method_lr(best):g}")
+        lax.plot(cumulative[: len(accs)], [m["test_loss"] for m in ms], marker="o", color=colour)
     zero = runs[0]["summary"]["zero_shot_accuracy"]
     ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("cumulative uplink bytes, all clients (log)")
+    zero_loss = metrics_of(runs[0]["dir"])[0]["test_loss"]
+    lax.axhline(zero_loss, color="black", ls=":", lw=1)
+    for a in (ax, lax):
+        a.set_xscale("log")
+        a.set_xlabel("cumulative uplink bytes, all clients (log)")
+        a.grid(alpha=0.3, which="both")
     ax.set_ylabel(f"test accuracy ({runs[0]['summary']['num_test']} tweets, ± 1 s.e.)")
-    ax.set_title("Equal local steps (3 clients, Dirichlet α=0.5, T=5, R=3): accuracy vs uplink, rounds 1-3")
-    ax.grid(alpha=0.3, which="both")
+    lax.set_ylabel("test loss")
+    fig.suptitle("Equal local steps (3 clients, Dirichlet α=0.5, T=5, R=3), rounds 1-3, each method at its best "
+                 "lr by final test loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "b_uplink.png", dpi=DPI)

@@ -79,8 +79,8 @@ b_5() { b_wm 1e-1; b_rnd 1e-1; b_wm 3e-1; b_full 3e-5; }
 part_b6() { locked b6_meerkat; locked b6_lora; locked b6_fo; }
 b6() { run b6 masks "$1" fed.eval_every=1 model.num_threads=1 "${@:2}"; }
 b6_meerkat() { for lr in 3e-4 1e-3; do b6 "meerkat-lr$lr" zo.lr=$lr; done; }
-b6_lora() { for lr in 1e-3 3e-3 1e-2 1e-1; do b6 "lora_zo-lr$lr" fed.algorithm=lora_zo zo.lr=$lr; done; }
-b6_fo() { for lr in 1e-3 1e-2 1e-1; do b6 "first_order-lr$lr" fed.algorithm=first_order fed.fo_lr=$lr; done; }
+b6_lora() { for lr in 1e-3 3e-3 5e-3 1e-2 1e-1; do b6 "lora_zo-lr$lr" fed.algorithm=lora_zo zo.lr=$lr; done; }
+b6_fo() { for lr in 1e-3 3e-3 1e-2 3e-2 1e-1; do b6 "first_order-lr$lr" fed.algorithm=first_order fed.fo_lr=$lr; done; }
 
 # (c) T in {1, 5, 20} at 40 local steps per client, at the pretrain_grad learning rate that won (b).
 part_c() { locked c_runs; }
