@@ -37,6 +37,12 @@ def runs_of(folder: Path) -> list[dict]:
     return out
 
 
+def save(fig, file: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(file, dpi=DPI)
+    plt.close(fig)
+
+
 def se(p: float, n: int) -> float:
     """Standard error of an accuracy p measured on n test examples."""
     return math.sqrt(p * (1 - p) / n)
@@ -109,9 +115,7 @@ def part_a(root: Path, out: Path) -> None:
     axes[0].set_title("GradIP over 100 local steps: single-label vs IID clients (Meerkat mask, lr 5e-4)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "a_gradip.png", dpi=DPI)
-    plt.close(fig)
+    save(fig, out / "a_gradip.png")
 
     print("\n### (a) VPCS statistics on the 4 trajectories (population reference over all 4)\n")
     print("| calibration steps | client | rho_later | quiet fraction | flagged |")
@@ -170,9 +174,7 @@ def part_b(root: Path, out: Path) -> None:
     ax.set_title("Masks at equal steps (3 clients, Dirichlet α=0.5, T=5, R=3): accuracy vs lr")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "b_masks_lr.png", dpi=DPI)
-    plt.close(fig)
+    save(fig, out / "b_masks_lr.png")
     table = pd.DataFrame(rows)
     print("\n### (b) masks: every grid point\n")
     print("| mask | n | lr | accuracy ± s.e. | test loss | RMS of g | uplink B | downlink B | local steps | train s |")
@@ -238,9 +240,7 @@ def part_b6(root: Path, out: Path) -> None:
     fig.suptitle("Equal local steps (3 clients, Dirichlet α=0.5, T=5, R=3), rounds 1-3, each method at its best "
                  "lr by final test loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "b_uplink.png", dpi=DPI)
-    plt.close(fig)
+    save(fig, out / "b_uplink.png")
     print("\n### (b6) the paper's baselines: every grid point (bold: best test loss of the method)\n")
     print("| method | lr | trained values n | accuracy ± s.e. | test loss | uplink B (all) | uplink B / client / round | downlink B (all) | train s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -314,9 +314,7 @@ def bar_plot(groups: dict, file: Path, title: str, xlabel: str, loss: bool = Fal
         ax_loss.set_ylabel("test loss")
         ax_loss.grid(alpha=0.3, axis="y")
         ax_loss.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(file, dpi=DPI)
-    plt.close(fig)
+    save(fig, file)
 
 
 def part_c(root: Path, out: Path) -> None:
@@ -452,9 +450,7 @@ def thresholds(sweep: Path, out: Path) -> None:
     extreme = next((json.loads(f.read_text())["extreme_clients"] for f in summaries if f.exists()), "?")
     fig.suptitle(f"VPCS thresholds on the embedded default (cell: value, flagged clients; truly extreme {extreme})",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "d_thresholds.png", dpi=DPI)
-    plt.close(fig)
+    save(fig, out / "d_thresholds.png")
 
 
 def main() -> None:
