@@ -309,7 +309,7 @@ def test_the_scanner_catches_unsafe_loading():
     assert unsafe_calls(good) == []
 
 
-@pytest.mark.parametrize("module", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("module", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_unpickles_or_executes_loaded_data(module):
     assert unsafe_calls(module.read_text()) == [], module.name
 

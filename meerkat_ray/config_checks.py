@@ -1,0 +1,141 @@
+"""The rules a config tree must satisfy beyond its types: the allowed values of the choice keys
+(the strategy, policy and algorithm registries among them), the numeric ranges, the keys naming
+paths, the form of an MLflow tracking URI, and the checks between keys; `validate` applies them
+all, and each registered variant's own `check`.
+
+`meerkat_ray.config` builds the tree and calls `validate` on it (and re-exports these names).
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from .algorithms import ALGORITHMS
+from .errors import ConfigError
+from .gradip import check_calibration
+from .mask_kinds import MASK_SCORES
+from .partition import PARTITIONS
+from .strategies.aggregation import AGGREGATIONS
+from .strategies.policies import POLICIES
+
+if TYPE_CHECKING:
+    from .config import Config
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.partition": tuple(PARTITIONS),
+    "mask.kind": tuple(MASK_SCORES),
+    "mask.calib_corpus": ("pydoc", "c4"),
+    "fed.seed_sharing": ("round", "client"),
+    "fed.aggregation": tuple(AGGREGATIONS),  # the registries: a new variant is one entry there
+    "fed.algorithm": tuple(ALGORITHMS),
+    "vp.policy": tuple(name for name, p in POLICIES.items() if p.choice_of == "vp.policy"),
+    "vp.calibration": ("first_round", "probe", "rounds"),
+    "vp.statistic": ("mean", "median"),
+    "vp.reference": ("late", "early"),
+    "ray.backend": ("local", "ray"),
+}
+
+# (key, predicate, what the value must be)
+RANGES = [
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("model.num_threads", lambda v: v >= 0, ">= 0"),
+    ("data.min_confidence", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("data.num_train", lambda v: v >= 0, ">= 0"),
+    ("data.num_test", lambda v: v >= 1, ">= 1"),
+    ("data.num_clients", lambda v: v >= 1, ">= 1"),
+    ("data.alpha", lambda v: v > 0, "> 0"),
+    ("data.extreme_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.max_length", lambda v: v >= 2, ">= 2"),
+    ("data.eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("mask.density", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    ("mask.calib_num_seqs", lambda v: v >= 1, ">= 1"),
+    ("mask.calib_seq_len", lambda v: v >= 2, ">= 2"),
+    ("mask.calib_batch_size", lambda v: v >= 1, ">= 1"),
+    ("zo.eps", lambda v: v > 0, "> 0"),
+    ("zo.lr", lambda v: v > 0, "> 0"),
+    ("zo.clip", lambda v: v >= 0, ">= 0"),
+    ("fed.rounds", lambda v: v >= 1, ">= 1"),
+    ("fed.local_steps", lambda v: v >= 1, ">= 1"),
+    ("fed.first_round_steps", lambda v: v >= 0, ">= 0"),
+    ("fed.eval_every", lambda v: v >= 1, ">= 1"),
+    ("fed.trim_fraction", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
+    ("fed.clients_per_round", lambda v: v >= 0, ">= 0"),
+    ("fed.fo_lr", lambda v: v >= 0, ">= 0"),
+    ("lora.rank", lambda v: v >= 1, ">= 1"),
+    ("lora.alpha", lambda v: v > 0, "> 0"),
+    ("vp.sigma", lambda v: v > 0, "> 0"),
+    ("vp.rho", lambda v: v > 0, "> 0"),
+    ("vp.min_quiet_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("vp.calib_steps", lambda v: v >= 2, ">= 2"),
+    ("vp.early_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    ("vp.late_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    ("ray.num_actors", lambda v: v >= 1, ">= 1"),
+    ("ray.gpus_per_client", lambda v: 0.0 <= v <= 1.0 or (v > 1 and float(v).is_integer()),
+     "in [0, 1] or a whole number"),
+    ("ray.cpus_per_client", lambda v: v > 0, "> 0"),
+    ("ray.num_gpus", lambda v: v >= 0, ">= 0"),
+    ("ray.max_actor_restarts", lambda v: v >= 0, ">= 0"),
+    ("ray.chaos_kill_prob", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("ray.actor_start_timeout_s", lambda v: v > 0, "> 0"),
+    ("ray.actor_setup_timeout_s", lambda v: v > 0, "> 0"),
+]
+# Keys naming files, folders or models: a NUL byte would reach the OS as a traceback, not an error line.
+PATH_KEYS = ("name", "output_dir", "model.name", "model.cache_dir", "data.source", "tracking.mlflow_uri",
+             "tracking.mlflow_experiment", "tracking.wandb_project", "tracking.wandb_group")
+# MLflow tracking URIs: a database, a server, a folder (file: or a plain path)
+MLFLOW_URI = re.compile(r"(sqlite|postgresql|mysql|mssql)(\+\w+)?://.*|https?://[^/\s]+.*|file:.+|[^:]+")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr for an error line: one line, bounded length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def get_key(cfg: Config, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    for key, choices in CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+    for key, ok, what in RANGES:
+        value = get_key(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}: must be {what}, got {value!r}")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", "..") or len(cfg.name.encode(errors="replace")) > 255:
+        raise ConfigError(f"name: must be a plain folder name, got {_short(cfg.name)}")
+    if not cfg.model.name:
+        raise ConfigError("model.name: must not be empty")
+    if cfg.vp.early_fraction + cfg.vp.late_fraction > 1.0:
+        raise ConfigError("vp.early_fraction: early_fraction + late_fraction must be <= 1")
+    if cfg.ray.gpus_per_client > 1 and not float(cfg.ray.gpus_per_client).is_integer():
+        raise ConfigError("ray.gpus_per_client: above 1 it must be a whole number of GPUs")
+    for key in PATH_KEYS:
+        if "\0" in get_key(cfg, key):
+            raise ConfigError(f"{key}: contains a NUL character")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.model.device):
+        raise ConfigError(f"model.device: must be auto, cpu, mps, cuda or cuda:N, got {_short(cfg.model.device)}")
+    if not re.fullmatch(r"[\w.:\[\]-]+", cfg.ray.dashboard_host):
+        raise ConfigError(f"ray.dashboard_host: not a host name or IP address: {_short(cfg.ray.dashboard_host)}")
+    if cfg.mask.eligible:
+        try:
+            re.compile(cfg.mask.eligible)
+        except re.error as exc:
+            raise ConfigError(f"mask.eligible: not a regular expression ({exc})") from None
+    for variant in [*AGGREGATIONS.values(), *POLICIES.values(), *ALGORITHMS.values()]:
+        variant.check(cfg)
+    check_calibration(cfg)
+    if cfg.ray.chaos_kill_prob > 0 and cfg.ray.backend != "ray":
+        raise ConfigError("ray.chaos_kill_prob: kills client actors, so it needs ray.backend=ray")
+    if cfg.tracking.mlflow_uri and not MLFLOW_URI.fullmatch(cfg.tracking.mlflow_uri):
+        raise ConfigError(f"tracking.mlflow_uri: not an MLflow tracking URI (sqlite:///FILE, http://HOST:PORT, "
+                          f"file:FOLDER or a folder), got {_short(cfg.tracking.mlflow_uri)}")
+    return cfg
