@@ -76,12 +76,13 @@ def config(args, K: int, T: int, num_train: int):
 def client_run(cfg) -> dict:
     """One client actor through cfg.fed.rounds rounds (no evaluation): memory and time per client."""
     from meerkat_ray.experiment import prepare_data
-    from meerkat_ray.runner import make_executor
+    from meerkat_ray.executors import make_executor
 
     data = prepare_data(cfg)
-    mask, theta0, executor = make_executor(cfg, data, progress=False)
+    executor = make_executor(cfg, data, progress=False)
     try:
-        server = executor.make_server(cfg, theta0, mask.pretrain_grad, data.client_sizes)
+        server = executor.make_server(cfg, executor.theta0, executor.mask.pretrain_grad, data.client_sizes)
+        theta = executor.theta0.clone()
         pid = executor.actor_info()[0]["pid"]
         setup = proc_memory(pid)
         reset_peak(pid)
@@ -89,8 +90,8 @@ def client_run(cfg) -> dict:
         for r in range(1, cfg.fed.rounds + 1):
             start = time.perf_counter()
             plans = server.plan_round(r)
-            outcome = server.finish_round(r, plans, executor.run_clients(plans))
-            executor.sync(outcome.sync)
+            outcome = server.finish_planned(r, executor.run_clients(plans))
+            theta = executor.sync(outcome.sync, theta)  # the driver's own copy too, as `runner.federate`
             walls.append(time.perf_counter() - start)
         work = proc_memory(pid)
     finally:
@@ -106,7 +107,7 @@ def inference_run(cfg, forwards: int) -> dict:
     import ray
 
     from meerkat_ray.experiment import prepare_data
-    from meerkat_ray.federation import connect, federation_demand
+    from meerkat_ray.distributed.cluster import connect, federation_demand
 
     @ray.remote(num_cpus=1)
     class InferenceActor:

@@ -1,8 +1,9 @@
 """Wall time per round on Ray against the same rounds in process.
 
 The round is the loop of `runner.federate` without evaluation and without the run folder:
-    plans = server.plan_round(r) -> executor.run_clients(plans) -> server.finish_round -> executor.sync
-built by `runner.make_executor` exactly as `meerkat-ray run` builds it, for
+    plans = server.plan_round(r) -> executor.run_clients(plans) -> server.finish_planned -> the driver
+    applies the SyncMessage to its own values -> executor.sync
+built by `executors.make_executor` exactly as `meerkat-ray run` builds it, for
 - local:  ray.backend=local, one process, `--threads` torch threads (the in-process reference);
 - ray1:   ray.backend=ray with one client actor (1 CPU, 1 thread) and the server actor;
 - ray2:   two client actors (the speed-up a second core buys);
@@ -65,25 +66,26 @@ def config(args, backend: str, T: int):
 
 def time_rounds(args, backend: str, T: int) -> dict:
     from meerkat_ray.experiment import prepare_data
-    from meerkat_ray.runner import make_executor
+    from meerkat_ray.executors import make_executor
 
     cfg = config(args, backend, T)
     t0 = time.perf_counter()
     data = prepare_data(cfg)
-    mask, theta0, executor = make_executor(cfg, data, progress=False)
+    executor = make_executor(cfg, data, progress=False)
     try:
-        server = executor.make_server(cfg, theta0, mask.pretrain_grad, data.client_sizes)
+        server = executor.make_server(cfg, executor.theta0, executor.mask.pretrain_grad, data.client_sizes)
+        theta = executor.theta0.clone()
         setup_s = time.perf_counter() - t0
         walls, compute = [], []
         for r in range(1, cfg.fed.rounds + 1):
             start = time.perf_counter()
             plans = server.plan_round(r)
             results = executor.run_clients(plans)
-            outcome = server.finish_round(r, plans, results)
-            executor.sync(outcome.sync)
+            outcome = server.finish_planned(r, results)
+            theta = executor.sync(outcome.sync, theta)  # the driver's own copy too, as `runner.federate`
             walls.append(time.perf_counter() - start)
             compute.append(sum(res.compute_s for res in results))
-        final = executor.global_theta()
+        final = theta
     finally:
         executor.close()
     return {"backend": backend, "local_steps": T, "setup_s": setup_s, "round_s": median(walls[1:]),

@@ -102,7 +102,7 @@ def cmd_tune(args) -> int:
     sweep = load_sweep(path, overrides)  # every grid point validated before Ray starts
     if args.resume and args.overwrite:
         raise ConfigError("tune: --resume and --overwrite exclude each other")
-    from .tune import run_sweep
+    from .distributed.tune import run_sweep
 
     table = run_sweep(sweep, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     failed = int((table["status"] == "error").sum())
@@ -142,7 +142,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .runner import export_model
+    from .export import export_model
     from .storage import local_copy
 
     with local_copy(args.run_dir, skip=("tb",)) as run_dir:  # a run folder at a URI: a temporary local copy

@@ -14,7 +14,8 @@ import torch
 
 from .algorithms import make_algorithm
 from .messages import ClientPlan, ClientResult, SyncMessage
-from .path import apply_terms_, derive_seed
+from .path import apply_sync_, derive_seed
+from .runlog import theta_digest
 from .zo import Batch, MaskedView, accuracy_and_loss, batch_scores, collate
 
 
@@ -68,6 +69,9 @@ class WorkerHost:
     def global_theta(self) -> torch.Tensor:
         return self.worker.theta_global
 
+    def theta_digest(self) -> str:
+        return theta_digest(self.worker.theta_global)
+
 
 class ClientWorker:
     def __init__(self, model: torch.nn.Module, mask, theta: torch.Tensor, data: ClientData,
@@ -90,10 +94,7 @@ class ClientWorker:
         """Apply one round's aggregation terms to the global values (each round exactly once)."""
         if msg.round != self.synced_round + 1:
             raise RuntimeError(f"worker {self.name}: sync for round {msg.round} after round {self.synced_round}")
-        if msg.theta is not None:  # first-order: the new global values themselves
-            self.theta_global = msg.theta.clone()
-        else:
-            apply_terms_(self.theta_global, msg.terms)
+        self.theta_global = apply_sync_(self.theta_global, msg)
         self.synced_round = msg.round
         self.view.write_(self.theta_global)
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .algorithms import ALGORITHMS
 from .errors import ConfigError
+from .executors import EXECUTORS
 from .gradip import check_calibration
 from .mask_kinds import MASK_SCORES
 from .partition import PARTITIONS
@@ -33,7 +34,7 @@ CHOICES = {
     "vp.calibration": ("first_round", "probe", "rounds"),
     "vp.statistic": ("mean", "median"),
     "vp.reference": ("late", "early"),
-    "ray.backend": ("local", "ray"),
+    "ray.backend": tuple(EXECUTORS),
 }
 
 # (key, predicate, what the value must be)

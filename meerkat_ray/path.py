@@ -63,6 +63,14 @@ def apply_terms_(theta: torch.Tensor, terms: list[Term], on_z=None) -> torch.Ten
     return theta
 
 
+def apply_sync_(theta: torch.Tensor, msg) -> torch.Tensor:
+    """The global values after one round's SyncMessage: its terms applied to `theta` in place, or
+    (first-order) the new values it carries. Workers and the driver apply syncs with this one function."""
+    if msg.theta is not None:
+        return msg.theta.clone()
+    return apply_terms_(theta, msg.terms)
+
+
 def paths_from_frame(rows: pd.DataFrame) -> list[ClientPath]:
     """One round of path.parquet back into ClientPaths."""
     out = []

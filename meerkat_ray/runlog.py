@@ -80,6 +80,13 @@ def save_theta(path: str | Path, theta: torch.Tensor) -> None:
         save_file({"theta": theta.detach().to(torch.float32).cpu().contiguous()}, str(tmp))
 
 
+def theta_digest(theta: torch.Tensor) -> str:
+    """SHA-256 of the fp32 values: processes compare their global values without sending n of them."""
+    import hashlib
+
+    return hashlib.sha256(theta.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def load_theta(path: str | Path) -> torch.Tensor:
     try:
         return load_file(str(path))["theta"]

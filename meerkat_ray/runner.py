@@ -1,67 +1,36 @@
 """One federated experiment: set-up, the round loop, the run folder, the summary.
 
-The round loop is written once (`federate`); where clients and server run is an *executor*:
-`LocalExecutor` runs the clients one after another in this process and the server is a local
-object (ray.backend=local); `federation.RayExecutor` spreads the clients over client actors and
-hosts the server in a server actor, reached through a proxy with the same methods. Per round:
+The round loop is written once (`federate`); where clients and server run is the executor of
+`ray.backend` (`executors.py`: `local_executor` in this process, `distributed.executor` on Ray).
+Per round:
     plans = server.plan_round(r) -> results = executor.run_clients(plans)
-    -> server.finish_round (checks, replay, GradIP, VPCS, aggregation, bytes) -> executor.sync(terms)
-    -> evaluation every `fed.eval_every` rounds -> metrics.jsonl / path.parquet.
+    -> server.finish_planned (checks, replay, GradIP, VPCS, aggregation, bytes) -> the driver applies
+    the SyncMessage to its own global values and the executor to every worker
+    -> evaluation every `fed.eval_every` rounds -> metrics.jsonl / path.parquet / checkpoint.
+The checkpoint holds the driver's values and the server's small JSON state; the summary is built
+from that state, never from a copy of the whole server.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS
 from .checkpoint import CHECKPOINT_FILE, RunCheckpoint
-from .client import ClientWorker, WorkerHost
 from .config import Config, to_dict
 from .errors import MeerkatError
-from .experiment import DataSetup, build_worker, check_model, prepare_data, prepare_model, test_batches
+from .executors import make_executor
+from .experiment import DataSetup, prepare_data
 from .gradip import flag_quality
 from .mask import save_mask
 from .models import cache_root
-from .runlog import RunWriter, load_theta, remove_owned_folder, save_theta, write_json
-from .server import Server
-
-
-# per round in metrics.jsonl: clients re-run, client actors replaced, client actors lost from the pool,
-# replacements that joined it, server actors restored from the last checkpoint (all 0 without Ray)
-FAULT_COUNTERS = ("retries", "actor_restarts", "pool_shrinks", "pool_regrowths", "server_restarts")
-
-
-class LocalExecutor(WorkerHost):
-    """Runs every virtual client on one in-process worker, sequentially."""
-
-    def __init__(self, worker: ClientWorker, eval_batches):
-        self.worker, self.eval_batches = worker, eval_batches
-
-    def make_server(self, cfg: Config, theta: torch.Tensor, g_pre, client_sizes: list[int]) -> Server:
-        return Server(cfg, theta, g_pre, client_sizes)
-
-    def local_server(self, server: Server) -> Server:
-        return server
-
-    def run_clients(self, plans, on_result=None):
-        results = []
-        for plan in plans:
-            results.append(self.worker.run(plan))
-            if on_result:
-                on_result(results[-1])
-        return results
-
-    def fault_counts(self) -> dict:
-        return dict.fromkeys(FAULT_COUNTERS, 0)  # nothing here can die without the whole process
-
-    def close(self) -> None:
-        pass
+from .runlog import RunWriter, load_theta, remove_owned_folder, save_theta, theta_digest, write_json
 
 
 def check_writable_dir(path: Path, key: str) -> None:
@@ -88,20 +57,31 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
     return run_dir
 
 
-def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress: bool = True,
-             on_round=None, resume: RunCheckpoint | None = None, extreme_clients: list[int] | None = None) -> dict:
-    """The round loop. Returns the last evaluation (accuracy, loss) and timing.
+@dataclass
+class LoopEnd:
+    """What the round loop leaves: the last evaluation record, the server's state and the driver's
+    global values after the last round."""
+    last: dict
+    state: dict
+    theta: torch.Tensor
 
-    `on_round(round, metrics, last, checkpoint)` runs after each round's files and its RunCheckpoint
-    are written (Tune reports that checkpoint); `resume` continues after the checkpoint's round. After
-    the zero-shot evaluation and after every round the run folder's checkpoint is replaced (atomically).
+
+def federate(cfg: Config, server, executor, writer: RunWriter, theta: torch.Tensor, progress: bool = True,
+             on_round=None, resume: RunCheckpoint | None = None, extreme_clients: list[int] | None = None) -> LoopEnd:
+    """The round loop from the global values `theta` (theta_0, or the checkpoint's on `resume`).
+
+    The driver applies each round's SyncMessage to its own copy of the global values, so nothing of
+    size n comes back from the server. `on_round(round, metrics, last, checkpoint)` runs after each
+    round's files and its RunCheckpoint are written (Tune reports from `metrics` and `last`, which
+    carries the cumulative bytes); `resume` continues after the checkpoint's round. After the
+    zero-shot evaluation and after every round the run folder's checkpoint is replaced (atomically).
     `extreme_clients` (when the partition knows them) scores the VPCS decision in the round it is made.
     """
     cfg_dict = to_dict(cfg)
+    theta = theta.clone()
 
     def checkpoint(round_: int) -> RunCheckpoint:
-        state, theta = server.state_dict()
-        saved = RunCheckpoint(round_, dict(last), state, theta, cfg_dict)
+        saved = RunCheckpoint(round_, dict(last), server.state_dict(), theta, cfg_dict)
         saved.save(writer.dir)
         return saved
 
@@ -111,10 +91,13 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
                           "downlink_bytes": 0, "flagged_clients": [], "wall_s": 0.0}, None)
         if progress:
             print(f"round 0 (zero-shot): accuracy {acc0:.3f}  test loss {loss0:.4f}", flush=True)
-        last = {"accuracy": acc0, "test_loss": loss0, "zero_shot_accuracy": acc0, "best_accuracy": acc0}
-        checkpoint(0)
+        last = {"accuracy": acc0, "test_loss": loss0, "zero_shot_accuracy": acc0, "best_accuracy": acc0,
+                "uplink_bytes": 0, "downlink_bytes": 0}
+        saved = checkpoint(0)
     else:
-        last = dict(resume.last)
+        saved = resume
+        last = {"uplink_bytes": resume.server["uplink_bytes"], "downlink_bytes": resume.server["downlink_bytes"],
+                **resume.last}
     start = time.perf_counter()
     for r in range((resume.round if resume else 0) + 1, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
@@ -122,20 +105,14 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
         bar = tqdm(total=sum(p.steps for p in plans), desc=f"round {r}/{cfg.fed.rounds}", unit="step",
                    disable=not progress, leave=True, dynamic_ncols=True)
         results = executor.run_clients(plans, on_result=lambda res: bar.update(len(res.losses)))
-        outcome = server.finish_round(r, plans, results)
-        executor.sync(outcome.sync)
-        metrics = dict(outcome.metrics)
-        if metrics.get("vp_decided"):
-            if extreme_clients is not None:
-                metrics["flagging"] = flag_quality(metrics["flagged_clients"], extreme_clients)
-            if progress:
-                tqdm.write(decision_line(r, metrics, extreme_clients))
-        if r % cfg.fed.eval_every == 0 or r == cfg.fed.rounds:
-            acc, loss = executor.evaluate()
-            metrics.update(accuracy=acc, test_loss=loss)
-            last.update(accuracy=acc, test_loss=loss, best_accuracy=max(last["best_accuracy"], acc))
-        metrics["compute_s"] = round(sum(res.compute_s for res in results if res is not None), 3)
-        metrics.update(executor.fault_counts())  # client actors lost and clients re-run this round
+        outcome = server.finish_planned(r, results)
+        theta = executor.sync(outcome.sync, theta)  # every worker's and the driver's values after the round
+        metrics = round_metrics(cfg, r, outcome.metrics, results, executor, extreme_clients, progress)
+        if "accuracy" in metrics:
+            last.update(accuracy=metrics["accuracy"], test_loss=metrics["test_loss"],
+                        best_accuracy=max(last["best_accuracy"], metrics["accuracy"]))
+        last["uplink_bytes"] += metrics["uplink_bytes"]
+        last["downlink_bytes"] += metrics["downlink_bytes"]
         metrics["wall_s"] = round(time.perf_counter() - t0, 3)
         writer.add_round(metrics, outcome.path_rows)
         saved = checkpoint(r)
@@ -145,7 +122,24 @@ def federate(cfg: Config, server: Server, executor, writer: RunWriter, progress:
         if on_round:
             on_round(r, metrics, last, saved)
     last["train_wall_s"] = time.perf_counter() - start
-    return last
+    return LoopEnd(last=last, state=saved.server, theta=theta)
+
+
+def round_metrics(cfg: Config, round_: int, server_metrics: dict, results, executor, extreme_clients,
+                  progress: bool) -> dict:
+    """One round's metrics.jsonl record: the server's part, the decision's quality, the evaluation
+    (every `fed.eval_every` rounds and the last), compute time and fault counters."""
+    metrics = dict(server_metrics)
+    if metrics.get("vp_decided"):
+        if extreme_clients is not None:
+            metrics["flagging"] = flag_quality(metrics["flagged_clients"], extreme_clients)
+        if progress:
+            tqdm.write(decision_line(round_, metrics, extreme_clients))
+    if round_ % cfg.fed.eval_every == 0 or round_ == cfg.fed.rounds:
+        metrics["accuracy"], metrics["test_loss"] = executor.evaluate()
+    metrics["compute_s"] = round(sum(res.compute_s for res in results if res is not None), 3)
+    metrics.update(executor.fault_counts())  # client actors lost and clients re-run this round
+    return metrics
 
 
 def decision_line(round_: int, metrics: dict, extreme_clients: list[int] | None) -> str:
@@ -160,24 +154,6 @@ def decision_line(round_: int, metrics: dict, extreme_clients: list[int] | None)
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def make_executor(cfg: Config, data: DataSetup, progress: bool):
-    """Model, mask and theta_0 for the server, plus the executor that runs the clients."""
-    if cfg.ray.backend == "ray":  # the model is loaded by the client actors only, the mask made by actor 0
-        from .federation import RayExecutor, connect, disconnect, federation_demand  # Ray stays out of the pure core
-
-        check_model(cfg)
-        connect(cfg.ray, *federation_demand(cfg), progress=progress)
-        try:
-            executor = RayExecutor(cfg, data)
-        except BaseException:
-            disconnect()
-            raise
-        return executor.mask, executor.theta0, executor
-    lm, mask, theta = prepare_model(cfg, progress=progress)
-    worker = build_worker(cfg, data, lm, mask, theta)
-    return mask, theta, LocalExecutor(worker, test_batches(lm.tokenizer, data.task, cfg))
 
 
 def open_run_dir(cfg: Config, data: DataSetup, mask, theta0: torch.Tensor, run_dir: Path | None,
@@ -221,7 +197,8 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
     check_writable_dir(Path(cfg.output_dir), "output_dir")
     check_writable_dir(cache_root(cfg.model), "model.cache_dir")
     data = prepare_data(cfg)                      # bad data input fails here, before any model
-    mask, theta0, executor = make_executor(cfg, data, progress)
+    executor = make_executor(cfg, data, progress)
+    mask, theta0 = executor.mask, executor.theta0
     new_dir = None
     try:
         if resume is None:
@@ -236,10 +213,9 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
         if resume is not None:
             server.load_state(resume.server, resume.theta)
             executor.restore(resume.theta, resume.round)
-        last = federate(cfg, server, executor, writer, progress, on_round, resume, data.extreme_clients)
-        server = executor.local_server(server)  # the final state, in this process
-        if not torch.equal(executor.global_theta(), server.theta):
-            raise RuntimeError("client workers and server disagree on the global values")
+        end = federate(cfg, server, executor, writer, resume.theta if resume else theta0, progress, on_round,
+                       resume, data.extreme_clients)
+        check_agreement(end.theta, server.theta_digest(), executor.theta_digests())
     except BaseException:
         if new_dir is not None and not (new_dir / CHECKPOINT_FILE).is_file():
             shutil.rmtree(new_dir, ignore_errors=True)  # a new folder with nothing to resume: leave none
@@ -247,8 +223,29 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
     finally:
         executor.close()
     run_dir = writer.dir
-    save_theta(run_dir / "sparse_final.safetensors", server.theta)
-    summary = {
+    save_theta(run_dir / "sparse_final.safetensors", end.theta)
+    summary = make_summary(cfg, data, mask.n, end, writer.metrics)
+    summary["total_wall_s"] = round(time.perf_counter() - t_start, 2)
+    write_json(run_dir / "summary.json", summary)
+    if progress:
+        print_summary(summary, run_dir)
+    return summary
+
+
+def check_agreement(theta: torch.Tensor, server_digest: str, worker_digests: list[str]) -> None:
+    """The driver's global values, the server's and every worker's are one and the same, bit for bit."""
+    mine = theta_digest(theta)
+    if server_digest != mine:
+        raise RuntimeError("the server and the driver disagree on the global values")
+    if any(d != mine for d in worker_digests):
+        raise RuntimeError("client workers and the driver disagree on the global values")
+
+
+def make_summary(cfg: Config, data: DataSetup, mask_size: int, end: LoopEnd, metrics: list[dict]) -> dict:
+    """summary.json, from the loop's record and the server's final JSON state."""
+    last, state, vp = end.last, end.state, end.state["vp"]
+    flagged, decided_round = list(vp["flagged"]), vp["decided_round"]
+    return {
         "name": cfg.name,
         "algorithm": cfg.fed.algorithm,
         "replayable": ALGORITHMS[cfg.fed.algorithm].replayable,  # sparse_final from path.parquet alone
@@ -257,26 +254,21 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
         "best_accuracy": last["best_accuracy"],
         "final_test_loss": last["test_loss"],
         "num_test": len(data.task.test_labels),
-        "uplink_bytes": server.uplink_bytes,
-        "downlink_bytes": server.downlink_bytes,
-        "local_steps": server.local_steps,
+        "uplink_bytes": state["uplink_bytes"],
+        "downlink_bytes": state["downlink_bytes"],
+        "local_steps": state["local_steps"],
         "rounds": cfg.fed.rounds,
-        "mask_size": mask.n,
-        "flagged_clients": server.vp.flagged,
-        "vp_decided_round": server.vp.decided_round,
+        "mask_size": mask_size,
+        "flagged_clients": flagged,
+        "vp_decided_round": decided_round,
         "vp_calibration": cfg.vp.calibration if cfg.vp.enabled else None,
         "vp_statistic": cfg.vp.statistic if cfg.vp.enabled else None,
-        "calibration_local_steps": sum(m.get("local_steps") or 0 for m in writer.metrics if m.get("calibration")),
+        "calibration_local_steps": sum(m.get("local_steps") or 0 for m in metrics if m.get("calibration")),
         "extreme_clients": data.extreme_clients,
-        "flagging": flag_quality(server.vp.flagged, data.extreme_clients) if server.vp.decided else None,
-        "vpcs": {str(k): vars(s) for k, s in server.vp.stats.items()},
+        "flagging": flag_quality(flagged, data.extreme_clients) if decided_round is not None else None,
+        "vpcs": {str(k): dict(v) for k, v in vp["stats"].items()},
         "train_wall_s": round(last["train_wall_s"], 2),
-        "total_wall_s": round(time.perf_counter() - t_start, 2),
     }
-    write_json(run_dir / "summary.json", summary)
-    if progress:
-        print_summary(summary, run_dir)
-    return summary
 
 
 def print_summary(s: dict, run_dir: Path) -> None:
@@ -296,34 +288,3 @@ def print_summary(s: dict, run_dir: Path) -> None:
         f = s["flagging"]
         row("flagging precision / recall", f"{_fmt(f['precision'])} / {_fmt(f['recall'])}")
     row("wall time", f"{s['total_wall_s']:.1f} s")
-
-
-def export_model(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """A Hugging Face model folder with sparse_final applied to the masked coordinates (lora_zo:
-    to the adapters, then merged into the base weights)."""
-    from .algorithms import make_algorithm
-    from .config import from_dict
-    from .experiment import load_run_model
-    from .mask import check_mask, load_mask
-    from .runlog import load_theta
-    from .zo import MaskedView
-
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    for name in ("config.yaml", "mask.safetensors", "sparse_final.safetensors"):
-        if not (run_dir / name).is_file():
-            raise MeerkatError(f"{run_dir / name}: missing (is {run_dir} a finished run folder?)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise MeerkatError(f"{out_dir}: exists and is not empty")
-    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    lm = load_run_model(cfg)
-    mask = load_mask(run_dir / "mask.safetensors")
-    check_mask(mask, lm.model, run_dir / "mask.safetensors")
-    theta = load_theta(run_dir / "sparse_final.safetensors")
-    if theta.numel() != mask.n:
-        raise MeerkatError(f"{run_dir / 'sparse_final.safetensors'}: {theta.numel()} values for a mask of {mask.n}")
-    MaskedView(lm.model, mask).write_(theta)
-    model = make_algorithm(cfg.fed.algorithm).export_model(lm.model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    lm.tokenizer.save_pretrained(out_dir)
-    return out_dir

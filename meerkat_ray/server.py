@@ -19,6 +19,7 @@ from .config import Config, round_steps
 from .gradip import VPState
 from .messages import ClientPlan, ClientResult, SyncMessage
 from .path import ClientPath, step_seeds
+from .runlog import theta_digest
 from .strategies.aggregation import make_rule
 from .strategies.policies import RoundView, active_policies
 
@@ -44,12 +45,17 @@ class Server:
         self.uplink_bytes = 0
         self.downlink_bytes = 0
         self.local_steps = 0
+        self.planned: tuple[int, list[ClientPlan]] | None = None  # the last round planned, until it is finished
 
-    def state_dict(self) -> tuple[dict, torch.Tensor]:
-        """What a resumed run needs besides the config: JSON-able counters and VPCS state, and theta."""
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the config and the global values (which the driver holds
+        itself): JSON-able counters, data cursors and VPCS state; also what the summary reads."""
         return {"cursors": self.cursors.tolist(), "uplink_bytes": self.uplink_bytes,
                 "downlink_bytes": self.downlink_bytes, "local_steps": self.local_steps,
-                "vp": self.vp.state_dict()}, self.theta.clone()
+                "vp": self.vp.state_dict()}
+
+    def theta_digest(self) -> str:
+        return theta_digest(self.theta)
 
     def load_state(self, state: dict, theta: torch.Tensor) -> None:
         self.theta = theta.clone()
@@ -86,7 +92,16 @@ class Server:
                                fed.seed_sharing) if uses_seeds else []
             plans.append(ClientPlan(round=round_, client=k, seeds=seeds, steps=steps, lr=lr,
                                     cursor=int(self.cursors[k])))
+        self.planned = (round_, plans)
         return plans
+
+    def finish_planned(self, round_: int, results: list[ClientResult | None]) -> RoundOutcome:
+        """`finish_round` on the plans this server made for `round_` (what the round loop calls: the
+        plans never travel back, and results are checked against what was actually asked)."""
+        if self.planned is None or self.planned[0] != round_:
+            raise RuntimeError(f"round {round_} finished without being planned by this server")
+        plans, self.planned = self.planned[1], None
+        return self.finish_round(round_, plans, results)
 
     def in_calibration(self, round_: int) -> bool:
         """Whether round `round_` recorded calibration steps for VPCS."""

@@ -108,7 +108,7 @@ def tiny_mask(tiny_lm):
 def ray_cluster():
     """One real local Ray cluster for the whole session (ray.init costs 5-15 s): 2 CPUs and 2
     logical GPUs, so fractional-GPU placement is exercised on a CPU machine. Code under test that
-    calls `federation.connect` finds it initialised and uses it instead of starting another.
+    calls `distributed.cluster.connect` finds it initialised and uses it instead of starting another.
     address="local": always a fresh instance, never a cluster someone started on this machine."""
     import ray
 

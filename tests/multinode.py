@@ -26,7 +26,7 @@ def lost_node(out: Path, overrides: list[str]) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from meerkat_ray import federation
+    from meerkat_ray.distributed import executor as federation
     from meerkat_ray.config import load_config
     from meerkat_ray.runner import run_experiment
 
@@ -83,7 +83,7 @@ def trial_losing_its_node(params, base, runs_dir):
     import ray
     from ray import tune as ray_tune
 
-    from meerkat_ray import tune as sweep_tune
+    from meerkat_ray.distributed import tune as sweep_tune
 
     real = ray_tune.report
     marker = Path(os.environ["MEERKAT_TEST_OUT"]) / "lose-node"
@@ -124,7 +124,7 @@ def lost_node_sweep(out: Path, overrides: list[str]) -> None:
     from ray.cluster_utils import Cluster
 
     from meerkat_ray.sweep import load_sweep
-    from meerkat_ray.tune import make_tuner, open_sweep_folder, results_table, write_results
+    from meerkat_ray.distributed.tune import make_tuner, open_sweep_folder, results_table, write_results
 
     os.environ["MEERKAT_TEST_OUT"] = str(out)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trial processes cannot import tests/

@@ -242,6 +242,16 @@ def lora_run(tmp_path_factory) -> Path:
     return root / "lora"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_lora_zo_run_on_ray_ends_bit_for_bit_where_the_local_one_does(ray_cluster, lora_run, tmp_path):
+    """Every client actor attaches the same adapters (A from the run seed), so the seeds and scalars
+    of the local run are the Ray run's too."""
+    run_experiment(load_config(None, [*LORA_RUN, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5",
+                                      "name=ray", f"output_dir={tmp_path}"]), progress=False)
+    assert_same_run(lora_run, tmp_path / "ray")
+
+
 @pytest.mark.slow
 def test_a_lora_zo_run_sends_scalars_replays_and_exports_merged(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -250,7 +260,7 @@ def test_a_lora_zo_run_sends_scalars_replays_and_exports_merged(lora_run, tmp_pa
     from meerkat_ray.experiment import load_run_model
     from meerkat_ray.mask import load_mask
     from meerkat_ray.models import load_model
-    from meerkat_ray.runner import export_model
+    from meerkat_ray.export import export_model
     from meerkat_ray.zo import collate, label_logits
 
     k, steps = 3, 2

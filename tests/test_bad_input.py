@@ -318,7 +318,7 @@ def test_no_module_unpickles_or_executes_loaded_data(module):
 def test_the_embedded_cluster_dashboard_binds_localhost_unless_configured(monkeypatch, host):
     import ray
 
-    from meerkat_ray import federation
+    from meerkat_ray.distributed import cluster as federation
     from meerkat_ray.config import RayConfig
 
     seen = {}

@@ -16,7 +16,8 @@ import torch
 
 from meerkat_ray.config import load_config
 from meerkat_ray.runlog import load_theta, read_metrics, read_path
-from meerkat_ray.runner import FAULT_COUNTERS, run_experiment
+from meerkat_ray.executors import FAULT_COUNTERS
+from meerkat_ray.runner import run_experiment
 
 HERE = Path(__file__).resolve().parent
 RUN = ["model.name=tiny-llama", "data.task=tweets2", "data.max_length=32", "data.num_test=32",
@@ -89,7 +90,7 @@ def lose_in_round(monkeypatch, victims: dict) -> None:
     (so that plan is in flight: it is re-run elsewhere), or for the server after the first result."""
     import ray
 
-    from meerkat_ray.federation import RayExecutor
+    from meerkat_ray.distributed.executor import RayExecutor
 
     real_run, real_dispatch = RayExecutor.run_clients, RayExecutor._maybe_kill
     done, current = [], {}
@@ -128,7 +129,8 @@ def test_unplaceable_replacements_a_client_is_left_out_the_server_stops_the_run_
     shrunk round 2 included (kept from before the stop)."""
     from meerkat_ray.cli import main
     from meerkat_ray.errors import MeerkatError
-    from meerkat_ray.federation import ClientActor, RayExecutor, ServerActor
+    from meerkat_ray.distributed.actors import ClientActor, ServerActor
+    from meerkat_ray.distributed.executor import RayExecutor
 
     real_new, real_new_server = RayExecutor._new_actor, RayExecutor.new_server_actor
 

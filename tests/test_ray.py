@@ -38,7 +38,8 @@ def run_as_a_tune_trial(ray, cfg):
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from meerkat_ray.federation import CONTROL_CPUS, RayExecutor, trial_bundles
+    from meerkat_ray.distributed.cluster import CONTROL_CPUS, trial_bundles
+    from meerkat_ray.distributed.executor import RayExecutor
 
     @ray.remote
     def trial(cfg):
@@ -84,7 +85,7 @@ def round_one():
 
 @pytest.mark.ray
 def test_eight_actors_share_two_gpus_and_serve_a_queue(ray_cluster, round_one):
-    from meerkat_ray.federation import RayExecutor
+    from meerkat_ray.distributed.executor import RayExecutor
 
     cfg, data, mask, theta, plans, expected = round_one
     executor = RayExecutor(cfg, data)

@@ -24,7 +24,8 @@ from meerkat_ray.messages import ClientPlan, ClientResult
 from meerkat_ray.path import (ClientPath, aggregation_terms, derive_seed, replay_path,
                               robust_location)
 from meerkat_ray.runlog import load_theta, read_metrics, read_path
-from meerkat_ray.runner import FAULT_COUNTERS, run_experiment
+from meerkat_ray.executors import FAULT_COUNTERS
+from meerkat_ray.runner import run_experiment
 from meerkat_ray.server import Server
 
 TINY = TINY_RUN
@@ -390,7 +391,7 @@ def flaky_trial(params, base, runs_dir):
     """run_trial, except that the first attempt of each trial fails right after reporting round 1."""
     from ray import tune as ray_tune
 
-    from meerkat_ray import tune as sweep_tune
+    from meerkat_ray.distributed import tune as sweep_tune
 
     real = ray_tune.report
     marker = Path(runs_dir).parent / f"failed-{ray_tune.get_context().get_trial_id()}"
@@ -413,7 +414,7 @@ def test_a_failed_tune_trial_retries_from_its_checkpoint(ray_cluster, tmp_path):
     from ray import cloudpickle
 
     from meerkat_ray.sweep import load_sweep, point_config
-    from meerkat_ray.tune import make_tuner, open_sweep_folder
+    from meerkat_ray.distributed.tune import make_tuner, open_sweep_folder
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial process cannot import tests/
     root = Path(__file__).resolve().parents[1]

@@ -139,7 +139,7 @@ tune: {search: optuna, num_samples: 6, seed: 7, metric: accuracy, mode: max, opt
 def run_search(sweep, folder=None, resume=False, callbacks=()):
     from ray import cloudpickle
 
-    from meerkat_ray.tune import make_tuner, open_sweep_folder
+    from meerkat_ray.distributed.tune import make_tuner, open_sweep_folder
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial process cannot import tests/
     folder = open_sweep_folder(sweep, resume=resume, overwrite=False)
@@ -157,7 +157,7 @@ def proposals(results, keys=("zo.lr", "zo.eps")) -> list[tuple]:
 def sequential_reference(sweep) -> list[tuple]:
     """What the same searcher proposes uninterrupted, one trial at a time, driven here in-process
     the way Tune drives it: suggest, one result per round, complete, next."""
-    from meerkat_ray.tune import param_space, searcher
+    from meerkat_ray.distributed.tune import param_space, searcher
 
     alg, _ = searcher(sweep)
     alg.set_search_properties(sweep.tune.metric, sweep.tune.mode, param_space(sweep))
@@ -231,7 +231,7 @@ def random_points(sweep) -> list[tuple]:
     """The trials Tune's variant generator makes for a random sweep (in-process: no cluster)."""
     from ray.tune.experiment import Experiment
 
-    from meerkat_ray.tune import param_space, searcher
+    from meerkat_ray.distributed.tune import param_space, searcher
 
     alg, _ = searcher(sweep)
     alg.add_configurations([Experiment("x", lambda config: None, config=param_space(sweep), num_samples=sweep.tune.num_samples,
@@ -263,7 +263,7 @@ def test_the_searcher_state_is_optuna_not_a_default(tmp_path):
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from meerkat_ray.tune import searcher
+    from meerkat_ray.distributed.tune import searcher
 
     sweep = load_sweep(write_sweep(tmp_path, OPTUNA), ["tune.max_concurrent_trials=2"])
     alg, limit = searcher(sweep)

@@ -47,6 +47,26 @@ def weights(sizes, accepted):
     return {k: sizes[k] / total for k in accepted}
 
 
+# ----------------------------------------------------------------------------- the round loop's calls
+
+def test_the_loop_finishes_the_servers_own_plans_once_and_in_order():
+    """`finish_planned` uses the plans the server made: results of a round it did not plan, or of a
+    round already finished, are an error, and the outcome equals `finish_round` on the same plans."""
+    server, _, _ = synthetic_server()
+    twin, _, _ = synthetic_server()
+    with pytest.raises(RuntimeError, match="round 1 finished without being planned"):
+        server.finish_planned(1, [])
+    plans = server.plan_round(1)
+    with pytest.raises(RuntimeError, match="round 2 finished without being planned"):
+        server.finish_planned(2, answer(plans))
+    outcome = server.finish_planned(1, answer(plans))
+    expected = twin.finish_round(1, twin.plan_round(1), answer(plans))
+    assert outcome.metrics == expected.metrics and outcome.path_rows.equals(expected.path_rows)
+    assert outcome.sync == expected.sync and torch.equal(server.theta, twin.theta)
+    with pytest.raises(RuntimeError, match="round 1 finished without being planned"):
+        server.finish_planned(1, answer(plans))  # each round is finished exactly once
+
+
 # ----------------------------------------------------------------------------- GradIP and aggregation
 
 @pytest.mark.parametrize("sharing", ["round", "client"])

@@ -130,12 +130,12 @@ def test_a_run_is_logged_to_a_real_mlflow_server(mlflow_server, tracked_run, tmp
 
 
 def test_a_server_that_is_down_is_an_error_before_anything_starts(tmp_path, capsys, monkeypatch):
-    from meerkat_ray import runner
+    from meerkat_ray import local_executor
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(runner, "prepare_model", no_model)
+    monkeypatch.setattr(local_executor, "prepare_model", no_model)
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     assert main(["run", *TINY, "name=down", f"output_dir={tmp_path}", f"tracking.mlflow_uri={url}", "--quiet"]) == 2

@@ -136,7 +136,7 @@ def test_a_checkpointed_run_resumes_bit_for_bit(tmp_path):
 @pytest.mark.slow
 def test_a_trial_reports_every_round_and_the_last_one_after_its_run_folder_is_complete(tmp_path, monkeypatch):
     """A scheduler stops a trial at its last report: by then summary.json and sparse_final exist."""
-    from meerkat_ray import tune as sweep_tune
+    from meerkat_ray.distributed import tune as sweep_tune
 
     cfg = load_config(None, [*RESUME, "name=trial", f"output_dir={tmp_path}"])
     reports = []

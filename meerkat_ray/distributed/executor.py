@@ -1,24 +1,21 @@
-"""Federation on Ray: the executor that spreads virtual clients over client actors.
+"""`ray.backend=ray`: the executor that spreads virtual clients over client actors.
 
-`RayExecutor` has the interface of `runner.LocalExecutor`, so the one round loop
-(`runner.federate`) drives both; it runs in the driver and is the only place that waits on Ray
+`RayExecutor` has the interface of every executor (`executors.py`), so the one round loop
+(`runner.federate`) drives it; it runs in the driver and is the only place that waits on Ray
 futures. Per round:
-    plans (from the ServerActor) -> a queue over the client actors (a free actor takes the next
-    client; `ray.wait` returns whichever finishes first) -> results keyed by client id -> the
-    ServerActor -> its SyncMessage broadcast once to every client actor.
+    plans (from the ServerActor, through `ServerProxy`) -> a queue over the client actors (a free
+    actor takes the next client; `ray.wait` returns whichever finishes first) -> results keyed by
+    client id -> the ServerActor -> its SyncMessage, applied by the driver to its own copy of the
+    global values and broadcast once to every client actor.
 Bit-identity with ray.backend=local: a client's result depends only on (global values, plan, data,
 model), never on which actor ran it, and the server aggregates by client id, never by arrival.
 
 Placement: outside Ray Tune, actors are scheduled by their resources. Inside a Tune trial the
-trial's placement group has the bundles of `trial_bundles` ([driver, server, client actor 0..A-1])
-and every actor is pinned to its own bundle.
+trial's placement group has the bundles of `cluster.trial_bundles` ([driver, server, client actor
+0..A-1]) and every actor is pinned to its own bundle.
 """
 from __future__ import annotations
 
-import logging
-import math
-import os
-import socket
 import sys
 import time
 from collections import deque
@@ -29,214 +26,32 @@ import torch
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ..config import Config
+from ..errors import MeerkatError
+from ..executors import FAULT_COUNTERS
+from ..path import apply_sync_
+from ..experiment import DataSetup, check_model
+from ..seeds import derive_seed
+from ..zo import accuracy_and_loss
 from .actors import ClientActor, ServerActor
-from .config import Config, RayConfig
-from .errors import MeerkatError
-from .path import derive_seed
-from .runner import FAULT_COUNTERS
-from .zo import accuracy_and_loss
+from .cluster import (CONTROL_CPUS, LOST, NO_TASK_EVENTS, connect, disconnect, federation_demand, node_label,
+                      resume_hint, trial_bundles)
+from .server_proxy import ServerProxy
 
-CONTROL_CPUS = 0.25   # the trial driver and the server actor: waiting on futures, replay and GradIP are light
 IN_FLIGHT = 2         # plans queued per client actor (the second hides the driver round trip)
-# ray.task_events=false: Ray's core worker then records no per-task events in the actor. Its buffer
-# holds ~30 KB per task of a round (K = 1,000 clients of one actor: +30 MB of RSS, tests/test_memory.py)
-NO_TASK_EVENTS = {"RAY_task_events_report_interval_ms": "0"}
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "MEERKAT_RAY_CACHE", "HF_HOME")
-
-_owned_cluster = False  # True while this process runs an embedded cluster that it started
 
 
-# ----------------------------------------------------------------------------- the cluster
-
-def runtime_env() -> dict:
-    """What every actor of this job inherits: the offline switches and cache folders of the driver.
-
-    Under `ray job submit` the job's own runtime_env already reaches every actor (and Ray refuses
-    the same variable set twice), so nothing is added there.
-    """
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        return {}
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    return {"env_vars": env} if env else {}
-
-
-def client_bundle(rc: RayConfig) -> dict:
-    bundle = {"CPU": rc.cpus_per_client}
-    if rc.gpus_per_client:
-        bundle["GPU"] = rc.gpus_per_client
-    return bundle
-
-
-def trial_bundles(cfg: Config) -> list[dict]:
-    """Placement-group bundles that cover one federation.
-
-    ray backend: [driver, server, client actor 0 .. num_actors-1];
-    local backend: one bundle in which the driver also runs every client.
-    """
-    if cfg.ray.backend == "local":
-        return [client_bundle(cfg.ray)]
-    return [{"CPU": CONTROL_CPUS}, {"CPU": CONTROL_CPUS}] + [client_bundle(cfg.ray)] * cfg.ray.num_actors
-
-
-def connect(rc: RayConfig, num_cpus: float = 0.0, num_gpus: float = 0.0, progress: bool = False) -> None:
-    """Join `ray.address` (or $RAY_ADDRESS under `ray job submit`), else start an embedded cluster.
-
-    An already initialised Ray (tests, a Tune trial) is used as it is. The embedded cluster
-    declares at least `num_cpus` logical CPUs so that every actor fits, and `ray.num_gpus` logical
-    GPUs (0 = detect): on a CPU machine that exercises fractional-GPU scheduling.
-    """
-    global _owned_cluster
-    if ray.is_initialized():
-        return
-    common = dict(runtime_env=runtime_env(), logging_level=logging.WARNING)
-    address = rc.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        _check_reachable(address)
-        try:
-            context = ray.init(address=address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise MeerkatError(f"ray.address: cannot join a Ray cluster at {address!r} ({exc})") from None
-        if progress:
-            print(f"Ray: joined the cluster at {address} (dashboard {context.dashboard_url or 'off'})", flush=True)
-        return
-    cpus = max(os.cpu_count() or 1, math.ceil(num_cpus))
-    context = ray.init(num_cpus=cpus, num_gpus=rc.num_gpus or None, dashboard_host=rc.dashboard_host, **common)
-    _owned_cluster = True
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    if num_gpus > gpus + 1e-9:
-        disconnect()
-        raise MeerkatError(f"ray.gpus_per_client: the federation needs {num_gpus:g} GPUs, the embedded cluster "
-                           f"has {gpus:g} (declare logical ones with ray.num_gpus)")
-    if progress:
-        dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "off"
-        print(f"Ray: embedded cluster with {cpus} CPUs, {gpus:g} GPUs (dashboard {dashboard})", flush=True)
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds, not minutes (ray.init retries an unreachable GCS for a long time)."""
-    if address == "auto":
-        return
-    host, _, port = address.split("://")[-1].rpartition(":")
+def build(cfg: Config, data: DataSetup, progress: bool) -> RayExecutor:
+    """Join or start the cluster, then the actors: the model is loaded by the client actors only,
+    the mask made by actor 0."""
+    check_model(cfg)
+    connect(cfg.ray, *federation_demand(cfg), progress=progress)
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except (OSError, ValueError):
-        raise MeerkatError(f"ray.address: no Ray cluster answers at {address!r} (expected auto or host:port)") from None
+        return RayExecutor(cfg, data)
+    except BaseException:
+        disconnect()
+        raise
 
-
-def disconnect() -> None:
-    """Stop the embedded cluster if `connect` started it (a joined cluster keeps running)."""
-    global _owned_cluster
-    if _owned_cluster:
-        ray.shutdown()
-        _owned_cluster = False
-
-
-def federation_demand(cfg: Config) -> tuple[float, float]:
-    """(CPUs, GPUs) that one federation of this config holds on the cluster."""
-    bundles = trial_bundles(cfg)
-    return sum(b.get("CPU", 0.0) for b in bundles), sum(b.get("GPU", 0.0) for b in bundles)
-
-
-# ----------------------------------------------------------------------------- lost nodes
-
-LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)  # an actor (or its node) is gone
-
-
-def node_label(node_id: str | None) -> str:
-    """`node 3f2a9c1b0d4e (10.0.0.7)`: how warnings and error lines name a node."""
-    if not node_id:
-        return "an unknown node"
-    ip = next((n.get("NodeManagerAddress") for n in ray.nodes() if n.get("NodeID") == node_id), None)
-    return f"node {node_id[:12]}" + (f" ({ip})" if ip else "")
-
-
-def resume_hint(cfg: Config, round_: int) -> str:
-    return (f"the run folder holds the checkpoint of round {max(round_ - 1, 0)}: `meerkat-ray run --resume "
-            f"{cfg.run_dir}` continues it (a Tune trial retries from it by itself, up to tune.max_failures)")
-
-
-# ----------------------------------------------------------------------------- the server
-
-class ServerProxy:
-    """The driver's handle on the ServerActor; the round loop calls it like a local `Server`.
-
-    A lost server actor (its node died) is rebuilt where the cluster has room: a fresh actor is set
-    up as at the start, loads the last state the driver holds (the latest `state_dict`, which is the
-    last round's checkpoint, or the `load_state` of a resumed run), replays the `finish_round` calls
-    made since, and the failed call runs again. All of it is deterministic, so the run goes on
-    exactly as without the loss. A replacement that cannot be scheduled within
-    `ray.actor_start_timeout_s` stops the run with an error naming the node, the round and
-    `run --resume`.
-    """
-
-    def __init__(self, executor: RayExecutor, cfg: Config, setup_args: tuple):
-        self.executor, self.cfg, self.setup_args = executor, cfg, setup_args
-        self.actor = executor.server_actor
-        self.node: str | None = None
-        self.saved = None                 # (state, theta) a replacement loads
-        self.since: list[tuple] = []      # finish_round arguments after `saved`, replayed in order
-        self.round = 0
-        self.restarts = 0
-        self.node = self._call("setup", *setup_args)
-
-    def _call(self, method: str, *args):
-        while True:
-            try:
-                if self.actor is None:
-                    self._rebuild()
-                return ray.get(getattr(self.actor, method).remote(*args))
-            except LOST:
-                self.actor = None
-
-    def _rebuild(self) -> None:
-        ray_cfg, lost = self.cfg.ray, node_label(self.node)
-        if self.restarts >= ray_cfg.max_actor_restarts:
-            raise MeerkatError(f"ray.max_actor_restarts: the server actor was lost with {lost} in round {self.round} "
-                               f"after {self.restarts} restarts; {resume_hint(self.cfg, self.round)}")
-        print(f"warning: the server actor was lost with {lost} in round {self.round}; restoring it from the last "
-              "checkpoint", file=sys.stderr, flush=True)
-        actor = self.executor.new_server_actor()
-        setup = actor.setup.remote(*self.setup_args)
-        ready, _ = ray.wait([setup], timeout=ray_cfg.actor_start_timeout_s)
-        if not ready:
-            ray.kill(actor)
-            raise MeerkatError(f"round {self.round}: the server actor was lost with {lost} and no replacement could be "
-                               f"scheduled within {ray_cfg.actor_start_timeout_s:g} s (ray.actor_start_timeout_s); "
-                               f"{resume_hint(self.cfg, self.round)}")
-        self.node = ray.get(setup)
-        calls = ([actor.load_state.remote(*self.saved)] if self.saved else [])
-        calls += [actor.finish_round.remote(*args) for args in self.since]
-        ray.get(calls)
-        self.actor = actor
-        self.restarts += 1
-        self.executor.counts["server_restarts"] += 1
-
-    def plan_round(self, round_: int):
-        self.round = round_
-        return self._call("plan_round", round_)
-
-    def finish_round(self, round_: int, plans, results):
-        outcome = self._call("finish_round", round_, plans, results)
-        self.since.append((round_, plans, results))
-        return outcome
-
-    def state_dict(self):
-        state = self._call("state_dict")
-        self.saved, self.since = state, []
-        return state
-
-    def load_state(self, state: dict, theta: torch.Tensor) -> None:
-        self._call("load_state", state, theta)
-        self.saved, self.since = (state, theta), []
-
-    def theta(self) -> torch.Tensor:
-        return self._call("theta")
-
-    def snapshot(self):
-        return self._call("snapshot")
-
-
-# ----------------------------------------------------------------------------- the executor
 
 class RayExecutor:
     """A pool of client actors fed as a queue, plus the server actor.
@@ -253,7 +68,8 @@ class RayExecutor:
     (`pool_regrowths`). Only when no client actor is left does the run wait for one, at most
     `ray.actor_start_timeout_s`. A client's result depends only on the global values, its plan and
     its data, so the run ends bit-identical to a fault-free one. A lost server actor is restored by
-    `ServerProxy`.
+    `ServerProxy`. The driver's own copy of the global values (`theta`, after `round`) is what
+    replacements, client or server, restore.
     """
 
     def __init__(self, cfg: Config, data):
@@ -277,6 +93,7 @@ class RayExecutor:
         try:
             self._await_start()
             self.mask, self.theta0 = ray.get(self.actors[0].compute_mask.remote())
+            self.theta = self.theta0.clone()
             self.mask_ref, self.theta0_ref = ray.put(self.mask), ray.put(self.theta0)
             nodes = ray.get([a.start.remote(self.mask_ref, self.theta0_ref) for a in self.actors])  # set-up errors surface here
         except BaseException:
@@ -328,9 +145,6 @@ class RayExecutor:
     def make_server(self, cfg: Config, theta: torch.Tensor, g_pre, client_sizes: list[int]) -> ServerProxy:
         self.server = ServerProxy(self, cfg, (cfg, theta, g_pre, client_sizes))
         return self.server
-
-    def local_server(self, server: ServerProxy):
-        return server.snapshot()
 
     # -- the pool
 
@@ -423,8 +237,7 @@ class RayExecutor:
             self._replace(actor)
             return
         self.node_of[id(actor)] = node
-        if self.server is not None:
-            actor.restore.remote(ray.put(self.server.theta()), self.round)
+        actor.restore.remote(ray.put(self.theta), self.round)
         self.actors.append(actor)
         self.actors.sort(key=lambda a: self.slot_of[id(a)])
         self.counts["pool_regrowths"] += 1
@@ -470,12 +283,15 @@ class RayExecutor:
         if not self.actors:
             self._wait_for_actors(self.round)
 
-    def sync(self, msg) -> None:
-        self.round = msg.round  # the server has finished this round
+    def sync(self, msg, theta: torch.Tensor) -> torch.Tensor:
+        """The driver applies `msg` to its own global values `theta` (what replacements restore) and
+        every client actor applies it to theirs; returns the driver's values after the round."""
+        self.round, self.theta = msg.round, apply_sync_(theta, msg)  # the server has finished this round
         self._on_every_actor("sync", ray.put(msg))  # one copy in the object store, read by every actor
+        return self.theta
 
     def restore(self, theta: torch.Tensor, round_: int) -> None:
-        self.round = round_
+        self.round, self.theta = round_, theta.clone()
         self._on_every_actor("restore", ray.put(theta), round_)
 
     def _ready_actors(self) -> list:
@@ -502,21 +318,18 @@ class RayExecutor:
                     ordered[i::len(actors)] = scores
                 return accuracy_and_loss(ordered)
 
-    def global_theta(self) -> torch.Tensor:
-        """The actors' global values (they must all agree)."""
+    def theta_digests(self) -> list[str]:
+        """Every client actor's digest of its global values (32 bytes each, not n values)."""
         while True:
             actors = self._ready_actors()
-            thetas = []
-            for actor, ref in [(a, a.global_theta.remote()) for a in actors]:
+            digests = []
+            for actor, ref in [(a, a.theta_digest.remote()) for a in actors]:
                 try:
-                    thetas.append(ray.get(ref))
+                    digests.append(ray.get(ref))
                 except LOST:
                     self._lost(actor)
-            if len(thetas) == len(actors):
-                break
-        if any(not torch.equal(thetas[0], t) for t in thetas[1:]):
-            raise RuntimeError("client actors disagree on the global values")
-        return thetas[0]
+            if len(digests) == len(actors):
+                return digests
 
     def actor_info(self) -> list[dict]:
         return ray.get([a.info.remote() for a in self.actors])

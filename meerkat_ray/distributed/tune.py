@@ -1,7 +1,7 @@
 """`meerkat-ray tune`: a grid of federations run by Ray Tune.
 
 Each trial is one federation (`runner.run_experiment`) inside its own placement group, laid out by
-`federation.trial_bundles`: the trial's driver, its server actor and its client actors (with
+`cluster.trial_bundles`: the trial's driver, its server actor and its client actors (with
 ray.backend=local, one bundle in which the trial runs its clients itself). Trials come from the
 grid (Tune's grid_search), from Tune's seeded random sampling of `space:` (tune.search=random, mixed
 with the grid) or from Optuna's TPE through Tune's OptunaSearch (tune.search=optuna); Tune keeps
@@ -35,15 +35,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .checkpoint import RunCheckpoint
-from .config import Config, set_dotted
-from .errors import MeerkatError
-from .experiment import check_model, prepare_data
-from .federation import connect, disconnect, federation_demand, trial_bundles
-from . import storage
-from .runlog import remove_owned_folder, write_text
-from .sweep import Sweep, point_config, point_tag
-from .tracking import SweepTracking, Tracker
+from .. import storage
+from ..checkpoint import RunCheckpoint
+from ..config import Config, set_dotted
+from ..errors import MeerkatError
+from ..experiment import check_model, prepare_data
+from ..runlog import remove_owned_folder, write_text
+from ..sweep import Sweep, point_config, point_tag
+from ..tracking import SweepTracking, Tracker
+from .cluster import connect, disconnect, federation_demand, trial_bundles
 
 EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep folder
 # Trials checkpoint every round by design; Tune's warning about frequent experiment snapshots is noise here.
@@ -92,8 +92,7 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
 
     def on_round(round_: int, metrics: dict, last: dict, checkpoint: RunCheckpoint) -> None:
         tracker.on_round(round_, metrics, last, checkpoint)
-        state = checkpoint.server  # the run folder's checkpoint of this round, reported as it is
-        flagged = state["vp"]["flagged"]
+        flagged = metrics["flagged_clients"]  # everything reported comes from the round's metrics
         values = {
             "round": round_,
             "accuracy": last["accuracy"],            # the latest evaluation
@@ -101,8 +100,8 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
             "zero_shot_accuracy": last["zero_shot_accuracy"],
             "test_loss": last["test_loss"],
             "train_loss": float("nan") if metrics.get("train_loss") is None else metrics["train_loss"],
-            "uplink_bytes": state["uplink_bytes"],
-            "downlink_bytes": state["downlink_bytes"],
+            "uplink_bytes": last["uplink_bytes"],      # cumulative, as summary.json
+            "downlink_bytes": last["downlink_bytes"],
             "num_flagged": len(flagged),
             "flagged_clients": ",".join(str(k) for k in flagged),  # a string: TensorBoard skips it
             "run_dir": storage.run_location(cfg),

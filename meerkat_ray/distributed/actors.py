@@ -6,7 +6,8 @@
   model and a GPU already are; the mask and theta_0 then belong to the server.
 - `ServerActor`: the `Server` (global masked values, mask's g_pre, virtual-path logs, GradIP
   trajectories, Meerkat-vp state, byte accounting).
-Only plans, results and sync messages (seeds and scalars) cross them once they are set up.
+Only plans, results and sync messages (seeds and scalars) cross them once they are set up; the
+driver keeps its own copy of the global values (it applies every sync itself).
 """
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import os
 import ray
 import torch
 
-from .client import WorkerHost
-from .config import Config
-from .experiment import DataSetup, build_worker, load_run_model, prepare_mask, test_batches
-from .mask import Mask
-from .messages import ClientPlan, ClientResult
-from .server import RoundOutcome, Server
+from ..client import WorkerHost
+from ..config import Config
+from ..experiment import DataSetup, build_worker, load_run_model, prepare_mask, test_batches
+from ..mask import Mask
+from ..messages import ClientPlan, ClientResult
+from ..server import RoundOutcome, Server
 
 
 @ray.remote
@@ -68,19 +69,15 @@ class ServerActor:
     def plan_round(self, round_: int) -> list[ClientPlan]:
         return self.server.plan_round(round_)
 
-    def finish_round(self, round_: int, plans: list[ClientPlan], results: list[ClientResult | None]) -> RoundOutcome:
-        return self.server.finish_round(round_, plans, results)
+    def finish_planned(self, round_: int, results: list[ClientResult | None]) -> RoundOutcome:
+        return self.server.finish_planned(round_, results)
 
-    def state_dict(self) -> tuple[dict, torch.Tensor]:
+    def state_dict(self) -> dict:
         return self.server.state_dict()
 
-    def theta(self) -> torch.Tensor:
-        """The global values after the last finished round (what a replacement client actor restores)."""
-        return self.server.theta
+    def theta_digest(self) -> str:
+        """The digest of the global values after the last finished round (the driver checks its own copy)."""
+        return self.server.theta_digest()
 
     def load_state(self, state: dict, theta: torch.Tensor) -> None:
         self.server.load_state(state, theta)
-
-    def snapshot(self) -> Server:
-        """The whole server, for the driver's summary at the end of a run."""
-        return self.server

@@ -1,0 +1,98 @@
+"""The package layout's promises: Ray lives in `meerkat_ray/distributed/` only (the core runs,
+replays and exports without ever importing it), `ray.backend` names come from the executor
+registry alone, and after set-up nothing of size n comes back to the driver of a Ray run."""
+
+import importlib
+import os
+import pickle
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import meerkat_ray
+from conftest import TINY_RUN
+from meerkat_ray.config import CHOICES, load_config
+from meerkat_ray.executors import EXECUTORS
+
+CORE = sorted(m.name for m in pkgutil.walk_packages(meerkat_ray.__path__, "meerkat_ray.")
+              if not m.name.startswith("meerkat_ray.distributed") and m.name != "meerkat_ray.__main__")
+
+# a fresh interpreter: import every core module, run a tiny local federation through the CLI, replay
+# its run folder, analyse and export it; then say which Ray modules the process had imported
+SCRIPT = """
+import importlib, sys
+for name in sys.argv[1].split(","):
+    importlib.import_module(name)
+import torch
+from meerkat_ray.cli import main
+from meerkat_ray.path import replay_run
+from meerkat_ray.runlog import load_theta
+run = sys.argv[3] + "/core"
+codes = [main(["run", *sys.argv[2].split(","), "ray.backend=local", "name=core", "output_dir=" + sys.argv[3], "--quiet"]),
+         int(not torch.equal(replay_run(run), load_theta(run + "/sparse_final.safetensors"))),
+         main(["analyze", run]),
+         main(["export", run, sys.argv[3] + "/exported"])]
+print(codes, sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
+"""
+
+
+def test_the_core_lists_every_module_but_the_distributed_ones():
+    assert {"meerkat_ray.runner", "meerkat_ray.server", "meerkat_ray.local_executor", "meerkat_ray.executors",
+            "meerkat_ray.cli", "meerkat_ray.export"} <= set(CORE)
+    assert not any("distributed" in name for name in CORE)
+
+
+@pytest.mark.slow
+def test_the_core_never_imports_ray(tmp_path):
+    run = [*TINY_RUN, "data.num_train=40", "data.num_clients=2", "fed.rounds=1", "fed.local_steps=2",
+           "vp.enabled=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(CORE), ",".join(run), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[0, 0, 0, 0] []", proc.stdout[-2000:]
+    assert (tmp_path / "core" / "summary.json").is_file() and (tmp_path / "exported" / "config.json").is_file()
+
+
+def test_backend_names_are_the_executor_registry():
+    assert CHOICES["ray.backend"] == tuple(EXECUTORS) == ("local", "ray")
+    for name, target in EXECUTORS.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    assert Path(importlib.import_module(EXECUTORS["ray"].split(":")[0]).__file__).parent.name == "distributed"
+
+
+@pytest.mark.ray
+def test_after_set_up_nothing_of_size_n_comes_back_to_the_driver(ray_cluster, tmp_path, monkeypatch):
+    """Full mask of the tiny model: n = 73,728 values (288 KB in fp32). Once the executor has made
+    the server, every object the driver gets from any actor (plans, round outcomes, server state,
+    evaluation scores, client results, digests at the end) pickles to fewer than n bytes: no copy of
+    the global values per round and no pickled server at the end."""
+    from meerkat_ray.distributed import executor as ray_executor
+    from meerkat_ray.runner import run_experiment
+
+    sizes, started = [], []
+    real_get, real_make = ray_cluster.get, ray_executor.RayExecutor.make_server
+
+    def get(refs, *args, **kwargs):
+        out = real_get(refs, *args, **kwargs)
+        if started:
+            sizes.append(len(pickle.dumps(out)))
+        return out
+
+    def make_server(self, *args):
+        started.append(True)
+        return real_make(self, *args)
+
+    monkeypatch.setattr(ray_cluster, "get", get)
+    monkeypatch.setattr(ray_executor.RayExecutor, "make_server", make_server)
+    cfg = load_config(None, [*TINY_RUN, "data.num_train=60", "data.num_clients=3", "data.partition=iid",
+                             "mask.kind=full", "fed.rounds=2", "fed.local_steps=2", "vp.enabled=false",
+                             "ray.backend=ray", "ray.num_actors=1", "ray.cpus_per_client=0.5",
+                             f"output_dir={tmp_path}", "name=ray"])
+    summary = run_experiment(cfg, progress=False)
+    assert summary["mask_size"] == 73728
+    assert len(sizes) >= 10 and max(sizes) < summary["mask_size"], sorted(sizes)[-5:]
