@@ -326,6 +326,27 @@ def test_run_resume_continues_the_same_mlflow_run(tmp_path):
     assert sorted(m.step for m in client.get_metric_history(run_id, "accuracy")) == [0, 2, 3]
 
 
+@pytest.mark.slow
+def test_a_trial_a_scheduler_stops_is_killed_not_failed_in_mlflow(tmp_path):
+    """ASHA's stop reaches a trial as SystemExit(0) raised out of `tune.report` (Ray Tune's function
+    trainables): its MLflow run is KILLED, like the sweep's `status: stopped`, never FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from meerkat_ray.config import load_config
+    from meerkat_ray.tracking import run_tracked
+
+    def stopped_by_the_scheduler(round_, metrics, last, checkpoint):
+        if round_ == 1:
+            raise SystemExit(0)
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = load_config(None, [*TINY, "name=stopped", f"output_dir={tmp_path}", f"tracking.mlflow_uri={uri}"])
+    with pytest.raises(SystemExit):
+        run_tracked(cfg, progress=False, on_round=stopped_by_the_scheduler)
+    run_id = json.loads((tmp_path / "stopped" / "tracking.json").read_text())["mlflow_run_id"]
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+
 def test_a_sweep_with_a_dead_tracking_server_stops_before_ray_and_its_folder(tmp_path, capsys, monkeypatch):
     import ray
 

@@ -150,8 +150,11 @@ class Tracker:
                 self._guard("W&B", close_wandb)
 
     def fail(self, exc: BaseException) -> None:
-        """The run stopped with an exception: mark the tracked runs (KILLED for an interrupt)."""
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        """The run stopped with an exception: mark the tracked runs KILLED for an interrupt or a
+        scheduler's stop (Tune ends a stopped trial with SystemExit(0) out of `tune.report`),
+        FAILED otherwise."""
+        stopped = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code in (0, None))
+        status = "KILLED" if stopped else "FAILED"
         if self.mlflow:
             self._guard("MLflow", lambda: self.mlflow.end(status))
         if self.wandb:
