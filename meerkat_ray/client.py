@@ -66,9 +66,6 @@ class WorkerHost:
         """Per-batch scores of every num_shards-th test batch, from batch `shard` on."""
         return self.worker.batch_scores(self.eval_batches[shard::num_shards])
 
-    def global_theta(self) -> torch.Tensor:
-        return self.worker.theta_global
-
     def theta_digest(self) -> str:
         return theta_digest(self.worker.theta_global)
 

@@ -122,23 +122,9 @@ class Server:
     def finish_round(self, round_: int, plans: list[ClientPlan], results: list[ClientResult | None]) -> RoundOutcome:
         """Check results, replay the accepted virtual paths, GradIP, VPCS, aggregate, account bytes."""
         by_client = {r.client: r for r in results if r is not None}
-        accepted, rejected = [], {}
-        for plan in plans:
-            reason = self.check_result(plan, by_client.get(plan.client), self.cfg.zo.clip, self.algorithm,
-                                       self.theta.numel())
-            if reason:
-                rejected[plan.client] = reason
-            else:
-                accepted.append(plan)
-        total = float(sum(self.sizes[p.client] for p in accepted))
-        probe = self.is_probe(round_)  # weight 0: the replay of path.parquet adds nothing for it
-        seedless = not self.algorithm.uses_seeds  # path rows: seed NO_SEED, scalar NaN (first-order)
-        paths = [ClientPath(client=p.client, weight=0.0 if probe else float(self.sizes[p.client]) / total,
-                            seeds=[NO_SEED] * p.steps if seedless else p.seeds[: p.steps],
-                            scalars=[math.nan] * p.steps if seedless else [float(s) for s in by_client[p.client].scalars],
-                            lr=p.lr)
-                 for p in accepted]
-        sync, grad_ips_of = self.algorithm.aggregate(self, round_, paths, by_client, probe)
+        accepted, rejected = self._check_results(plans, by_client)
+        paths = self._paths(round_, accepted, by_client)
+        sync, grad_ips_of = self.algorithm.aggregate(self, round_, paths, by_client, self.is_probe(round_))
         rows = []
         for path in paths:
             grad_ips = grad_ips_of[path.client]
@@ -154,7 +140,36 @@ class Server:
             flagged = policy.early_stop(view)
             if flagged is not None:
                 self.vp.flagged = view.flagged = flagged
+        metrics = self._account(round_, plans, accepted, rejected, by_client, sync, decided_now)
+        frame = pd.DataFrame(rows, columns=["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"])
+        frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64"})
+        return RoundOutcome(metrics=metrics, path_rows=frame, sync=sync)
 
+    def _check_results(self, plans, by_client) -> tuple[list[ClientPlan], dict[int, str]]:
+        """The plans whose results are accepted, and why the others were refused."""
+        accepted, rejected = [], {}
+        for plan in plans:
+            reason = self.check_result(plan, by_client.get(plan.client), self.cfg.zo.clip, self.algorithm,
+                                       self.theta.numel())
+            if reason:
+                rejected[plan.client] = reason
+            else:
+                accepted.append(plan)
+        return accepted, rejected
+
+    def _paths(self, round_: int, accepted, by_client) -> list[ClientPath]:
+        """Each accepted client's virtual path with its weight p_k (0 in a probe round: the replay of
+        path.parquet adds nothing for it; first-order rows carry seed NO_SEED and scalar NaN)."""
+        total = float(sum(self.sizes[p.client] for p in accepted))
+        probe, seedless = self.is_probe(round_), not self.algorithm.uses_seeds
+        return [ClientPath(client=p.client, weight=0.0 if probe else float(self.sizes[p.client]) / total,
+                           seeds=[NO_SEED] * p.steps if seedless else p.seeds[: p.steps],
+                           scalars=[math.nan] * p.steps if seedless else [float(s) for s in by_client[p.client].scalars],
+                           lr=p.lr)
+                for p in accepted]
+
+    def _account(self, round_: int, plans, accepted, rejected, by_client, sync, decided_now: bool) -> dict:
+        """Bytes and steps into the counters; the server's part of the round's metrics.jsonl record."""
         up = sum(by_client[p.client].payload_bytes() for p in plans if p.client in by_client)
         down = sum(p.payload_bytes() for p in plans) + self.num_clients * sync.payload_bytes()  # sync: to all
         self.uplink_bytes += up
@@ -179,6 +194,4 @@ class Server:
         if decided_now:  # the decision, visible in the round it is made
             metrics["vpcs"] = {str(k): vars(st) for k, st in sorted(self.vp.stats.items())}
             metrics["vp_calib_steps"] = self.cfg.vp.calib_steps
-        frame = pd.DataFrame(rows, columns=["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"])
-        frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64"})
-        return RoundOutcome(metrics=metrics, path_rows=frame, sync=sync)
+        return metrics
