@@ -116,11 +116,17 @@ def test_first_order_combinations_that_cannot_work_are_config_errors():
         load_config(None, ["fed.algorithm=lora_zo", "lora.targets= , "])
 
 
+ON_RAY = ["ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5"]
+
+
+def finished_run(root: Path, base: list[str], name: str, *extra: str) -> Path:
+    run_experiment(load_config(None, [*base, *extra, f"name={name}", f"output_dir={root}"]), progress=False)
+    return root / name
+
+
 @pytest.fixture(scope="module")
 def fo_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fo")
-    run_experiment(load_config(None, [*FO_RUN, "name=fo", f"output_dir={root}"]), progress=False)
-    return root / "fo"
+    return finished_run(tmp_path_factory.mktemp("fo"), FO_RUN, "fo")
 
 
 @pytest.mark.slow
@@ -169,9 +175,7 @@ def test_a_killed_first_order_run_resumes_bit_for_bit(fo_run, tmp_path):
 @pytest.mark.slow
 def test_a_first_order_run_on_ray_ends_bit_for_bit_where_the_local_one_does(ray_cluster, fo_run, tmp_path):
     """The n-sized values travel through the object store (results up, one sync message down)."""
-    run_experiment(load_config(None, [*FO_RUN, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5",
-                                      "name=ray", f"output_dir={tmp_path}"]), progress=False)
-    assert_same_run(fo_run, tmp_path / "ray")
+    assert_same_run(fo_run, finished_run(tmp_path, FO_RUN, "ray", *ON_RAY))
 
 
 def test_a_sweep_over_the_algorithm_validates(tmp_path):
@@ -237,9 +241,7 @@ def test_lora_adapters_start_at_the_pretrained_model_and_a_zo_step_moves_only_th
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lora")
-    run_experiment(load_config(None, [*LORA_RUN, "name=lora", f"output_dir={root}"]), progress=False)
-    return root / "lora"
+    return finished_run(tmp_path_factory.mktemp("lora"), LORA_RUN, "lora")
 
 
 @pytest.mark.ray
@@ -247,9 +249,7 @@ def lora_run(tmp_path_factory) -> Path:
 def test_a_lora_zo_run_on_ray_ends_bit_for_bit_where_the_local_one_does(ray_cluster, lora_run, tmp_path):
     """Every client actor attaches the same adapters (A from the run seed), so the seeds and scalars
     of the local run are the Ray run's too."""
-    run_experiment(load_config(None, [*LORA_RUN, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5",
-                                      "name=ray", f"output_dir={tmp_path}"]), progress=False)
-    assert_same_run(lora_run, tmp_path / "ray")
+    assert_same_run(lora_run, finished_run(tmp_path, LORA_RUN, "ray", *ON_RAY))
 
 
 @pytest.mark.slow

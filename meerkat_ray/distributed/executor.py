@@ -64,7 +64,7 @@ class RayExecutor:
     shrinks, `pool_shrinks`). Its slot gets a fresh actor (`actor_restarts`; at most
     `ray.max_actor_restarts` for real deaths) that holds no work until the cluster has placed and
     started it - at once where there is room, when the autoscaler has added a node, or never; once
-    up it restores the global values of the last finished round from the server and joins the pool
+    up it restores the global values of the last finished round (the driver's copy) and joins the pool
     (`pool_regrowths`). Only when no client actor is left does the run wait for one, at most
     `ray.actor_start_timeout_s`. A client's result depends only on the global values, its plan and
     its data, so the run ends bit-identical to a fault-free one. A lost server actor is restored by
