@@ -68,6 +68,8 @@ class RunCheckpoint:
         remove_stale_temps(run_dir)
         writer = RunWriter(run_dir)
         kept = [m for m in read_metrics(run_dir) if m["round"] <= self.round]
+        if not kept or kept[-1]["round"] != self.round:
+            raise MeerkatError(f"{Path(run_dir) / 'metrics.jsonl'}: ends before round {self.round}, the checkpoint's")
         path = read_path(run_dir) if (Path(run_dir) / "path.parquet").is_file() else None
         if path is not None and len(path):
             writer.path_frames = [path[path["round"] <= self.round][PATH_COLUMNS].reset_index(drop=True)]
@@ -81,12 +83,16 @@ class RunCheckpoint:
 RUN_FILES = ("config.yaml", "mask.safetensors", "sparse_init.safetensors", "metrics.jsonl")
 
 
-def open_resume(run_dir: str | Path) -> tuple[Config, RunCheckpoint]:
+def open_resume(run_dir: str | Path, ckpt: RunCheckpoint | None = None,
+                expect: Config | None = None) -> tuple[Config, RunCheckpoint]:
     """Config and checkpoint of an interrupted run folder, every file checked before anything starts.
 
-    Refused (MeerkatError, naming the file): not a run folder, a missing or unreadable file, a
-    config.yaml that differs from the config the checkpoint was made with, a checkpoint that does
-    not fit the mask or the logs. The folder is not modified here.
+    Every resume goes through here: `run --resume` (the folder's own checkpoint), and a Tune trial
+    that is retried or whose sweep is resumed (`ckpt`: the checkpoint Tune kept, checked against the
+    run folder it downloaded; `expect`: the trial's own config, which the checkpoint must have been
+    made with). Refused (MeerkatError, naming the file): not a run folder, a missing or unreadable
+    file, a config.yaml that differs from the config the checkpoint was made with, a checkpoint that
+    does not fit the mask or the logs (e.g. one newer than the logs). The folder is not modified here.
     """
     from .mask import load_mask
 
@@ -96,7 +102,7 @@ def open_resume(run_dir: str | Path) -> tuple[Config, RunCheckpoint]:
     for name in RUN_FILES:
         if not (run_dir / name).is_file():
             raise MeerkatError(f"{run_dir / name}: missing (is {run_dir} a run folder?)")
-    if not (run_dir / CHECKPOINT_FILE).is_file():
+    if ckpt is None and not (run_dir / CHECKPOINT_FILE).is_file():
         raise MeerkatError(f"{run_dir / CHECKPOINT_FILE}: missing: the run stopped before its zero-shot evaluation "
                            "finished, so there is nothing to resume (start it again with --overwrite)")
     try:
@@ -105,12 +111,13 @@ def open_resume(run_dir: str | Path) -> tuple[Config, RunCheckpoint]:
         raise MeerkatError(f"{run_dir / 'config.yaml'}: {exc}") from None
     # a moved or renamed run folder resumes where it is now
     cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
-    ckpt = RunCheckpoint.load(run_dir)
-    if ckpt.config is not None:
-        key = first_difference(ckpt.config, to_dict(cfg), ignore=("name", "output_dir"))
+    ckpt = ckpt if ckpt is not None else RunCheckpoint.load(run_dir)
+    configs = [(cfg, run_dir / "config.yaml")] + ([(expect, "the config being resumed")] if expect else [])
+    for config, label in configs if ckpt.config is not None else ():
+        key = first_difference(ckpt.config, to_dict(config), ignore=("name", "output_dir"))
         if key:
-            raise MeerkatError(f"{run_dir / 'config.yaml'}: {key} differs from the config the run was checkpointed "
-                               "with; a resumed run must keep its config")
+            raise MeerkatError(f"{label}: {key} differs from the config the run was checkpointed with; a resumed "
+                               "run must keep its config")
     if not 0 <= ckpt.round <= cfg.fed.rounds:
         raise MeerkatError(f"{run_dir / CHECKPOINT_FILE}: round {ckpt.round} is outside 0..{cfg.fed.rounds}")
     mask = load_mask(run_dir / "mask.safetensors")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from .errors import MeerkatError
@@ -102,18 +103,21 @@ def cmd_tune(args) -> int:
     sweep = load_sweep(path, overrides)  # every grid point validated before Ray starts
     if args.resume and args.overwrite:
         raise ConfigError("tune: --resume and --overwrite exclude each other")
-    from .distributed.tune import run_sweep
+    from .distributed.tune import error_file, run_sweep
 
     table = run_sweep(sweep, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    failed = int((table["status"] == "error").sum())
+    failed = table[table["status"] == "error"]
     unfinished = int((table["status"] == "stopped").sum()) if sweep.tune.scheduler != "asha" else 0
     unfinished += max(0, sweep.expected_trials - len(table))  # a search interrupted before proposing them all
-    if failed:
-        print(f"error: {failed} of {len(table)} trials failed (their error.txt is in {sweep.folder / 'tune'}/<trial>/)",
-              file=sys.stderr)
+    again = shlex.join(["meerkat-ray", "tune", path, *overrides, "--resume"])
+    if len(failed):
+        print(f"error: {len(failed)} of {len(table)} trials failed; `{again}` retries them", file=sys.stderr)
+        for row in failed.itertuples():
+            print(f"  trial {row.trial_id}: {row.error} (all of it: {error_file(sweep, row.trial_path)})",
+                  file=sys.stderr)
         return 1
     if unfinished:
-        print(f"error: interrupted with {unfinished} trials unfinished; the same command with --resume continues them",
+        print(f"error: interrupted with {unfinished} trials unfinished; `{again}` continues them",
               file=sys.stderr)
         return 130
     return 0

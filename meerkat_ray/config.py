@@ -110,6 +110,8 @@ class RayConfig:
     chaos_kill_prob: float = 0.0   # fault injection: kill a client actor after a dispatch with this probability (seeded)
     actor_start_timeout_s: float = 300.0  # wait this long for a lost server actor's replacement (or any client actor when none is left), then stop with an error
     actor_setup_timeout_s: float = 900.0  # wait this long for the run's actors to be placed and load the model at start, then stop with an error
+    plan_timeout_s: float = 0.0    # a client plan not answered within this many seconds: its actor is killed and replaced, the plan runs elsewhere (0 = derived: 10 x the slowest measured time per step x steps)
+    plan_timeout_floor_s: float = 60.0  # derived deadlines (plans, syncs, evaluations, server calls) are never shorter than this
     task_events: bool = True       # Ray's per-task event records in client actors (dashboard task view); false saves ~30 KB of actor memory per client of a round
 
 
@@ -140,11 +142,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         """Where this process writes the run folder: under output_dir, or (output_dir a storage URI)
-        in this node's scratch folder, uploaded to the URI (meerkat_ray.storage)."""
+        in this node's scratch folder of this attempt, uploaded to the URI (meerkat_ray.storage)."""
         if "://" in self.output_dir:
             from .storage import scratch_dir
 
-            return scratch_dir(self.output_dir, self.name)
+            return scratch_dir(self.output_dir, self.name, attempt=True)
         return Path(self.output_dir) / self.name
 
 

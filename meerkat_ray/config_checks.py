@@ -81,6 +81,8 @@ RANGES = [
     ("ray.chaos_kill_prob", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("ray.actor_start_timeout_s", lambda v: v > 0, "> 0"),
     ("ray.actor_setup_timeout_s", lambda v: v > 0, "> 0"),
+    ("ray.plan_timeout_s", lambda v: v >= 0, ">= 0 (0 = derived from measured step times)"),
+    ("ray.plan_timeout_floor_s", lambda v: v > 0, "> 0"),
 ]
 # Keys naming files, folders or models: a NUL byte would reach the OS as a traceback, not an error line.
 PATH_KEYS = ("name", "output_dir", "model.name", "model.cache_dir", "data.source", "tracking.mlflow_uri",

@@ -31,8 +31,10 @@ EXECUTORS = {
 }
 
 # per round in metrics.jsonl: clients re-run, client actors replaced, client actors lost from the pool,
-# replacements that joined it, server actors restored from the last checkpoint (all 0 without Ray)
-FAULT_COUNTERS = ("retries", "actor_restarts", "pool_shrinks", "pool_regrowths", "server_restarts")
+# replacements that joined it, server actors restored from the last checkpoint, actors killed for
+# missing a call's deadline (all 0 without Ray)
+FAULT_COUNTERS = ("retries", "actor_restarts", "pool_shrinks", "pool_regrowths", "server_restarts",
+                  "actor_timeouts")
 
 
 def make_executor(cfg, data, progress: bool):

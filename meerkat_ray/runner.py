@@ -67,7 +67,8 @@ class LoopEnd:
 
 
 def federate(cfg: Config, server, executor, writer: RunWriter, theta: torch.Tensor, progress: bool = True,
-             on_round=None, resume: RunCheckpoint | None = None, extreme_clients: list[int] | None = None) -> LoopEnd:
+             on_round=None, resume: RunCheckpoint | None = None, extreme_clients: list[int] | None = None,
+             commit=None) -> LoopEnd:
     """The round loop from the global values `theta` (theta_0, or the checkpoint's on `resume`).
 
     The driver applies each round's SyncMessage to its own copy of the global values, so nothing of
@@ -76,6 +77,8 @@ def federate(cfg: Config, server, executor, writer: RunWriter, theta: torch.Tens
     carries the cumulative bytes); `resume` continues after the checkpoint's round. After the
     zero-shot evaluation and after every round the run folder's checkpoint is replaced (atomically).
     `extreme_clients` (when the partition knows them) scores the VPCS decision in the round it is made.
+    `commit()` runs right after every checkpoint is written, round 0's included, before `on_round`
+    (a run stored at a URI uploads there).
     """
     cfg_dict = to_dict(cfg)
     theta = theta.clone()
@@ -83,6 +86,8 @@ def federate(cfg: Config, server, executor, writer: RunWriter, theta: torch.Tens
     def checkpoint(round_: int) -> RunCheckpoint:
         saved = RunCheckpoint(round_, dict(last), server.state_dict(), theta, cfg_dict)
         saved.save(writer.dir)
+        if commit is not None:
+            commit()
         return saved
 
     if resume is None:
@@ -185,10 +190,13 @@ def check_same_setup(run_dir: Path, mask, theta0: torch.Tensor) -> None:
 
 
 def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, on_round=None,
-                   resume: RunCheckpoint | None = None) -> dict:
+                   resume: RunCheckpoint | None = None, store=None) -> dict:
     """Run one federated experiment end to end and write its run folder. Returns summary.json.
 
     `on_round` is handed to `federate`; `resume` continues an interrupted run from a checkpoint.
+    Data, model and mask are checked before anything is written: a run folder that `overwrite`
+    replaces is removed only after that. `store` (a run kept at a URI, `storage.RunStore`) is told
+    then (`prepare()`: the stored copy it replaces is deleted) and after every checkpoint (`commit()`).
     A new run folder that fails before its first checkpoint is removed again (nothing to resume).
     """
     t_start = time.perf_counter()
@@ -202,6 +210,8 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
     new_dir = None
     try:
         if resume is None:
+            if store is not None:
+                store.prepare()
             new_dir = prepare_run_dir(cfg, overwrite)
         writer = open_run_dir(cfg, data, mask, theta0, new_dir, resume)
         if progress:
@@ -214,7 +224,7 @@ def run_experiment(cfg: Config, overwrite: bool = False, progress: bool = True, 
             server.load_state(resume.server, resume.theta)
             executor.restore(resume.theta, resume.round)
         end = federate(cfg, server, executor, writer, resume.theta if resume else theta0, progress, on_round,
-                       resume, data.extreme_clients)
+                       resume, data.extreme_clients, commit=store.commit if store is not None else None)
         check_agreement(end.theta, server.theta_digest(), executor.theta_digests())
     except BaseException:
         if new_dir is not None and not (new_dir / CHECKPOINT_FILE).is_file():

@@ -6,11 +6,15 @@
 `storage_path`. Then:
 
 - A run writes its run folder on the local disk of the node it runs on (`scratch_dir`: under
-  $MEERKAT_RAY_SCRATCH, else the system temp folder) and uploads what changed at every round's
-  checkpoint (`checkpoint.safetensors` last, so the copy at the URI never holds a checkpoint newer
-  than its logs), and everything at the end; then the local folder is removed. A lost node loses
-  at most the round in flight.
-- A Tune trial that is retried, or a `run --resume URI`, downloads the run folder first.
+  $MEERKAT_RAY_SCRATCH, else the system temp folder, in a folder of this attempt's own, so an
+  attempt being stopped never touches the folder of the one that replaces it) and uploads what
+  changed at every round's checkpoint (`checkpoint.safetensors` last, so the copy at the URI never
+  holds a checkpoint newer than its logs), and everything at the end; then the local folder is
+  removed. A lost node loses at most the round in flight. Every file lands at the URI whole (object
+  stores commit a write at once; a local or mounted filesystem gets a temp file and a rename), and
+  an upload that cannot happen is an error, never a skip.
+- A Tune trial that is retried, or a `run --resume URI`, downloads the run folder first and checks
+  it against the checkpoint it resumes from (`checkpoint.open_resume`).
 - A sweep gives Ray Tune the same URI as its storage; the driver keeps `sweep.yaml` and the
   results table in a local staging folder and uploads them; results, `analyze`, `export` and
   `run --resume` read from the URI (through a temporary local copy).
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +34,7 @@ import pyarrow.fs as pafs
 from .errors import MeerkatError
 
 COMMIT_LAST = "checkpoint.safetensors"  # uploaded after the logs it points into
+ATTEMPT_FILE = ".attempt"  # at a stored run folder: the attempt that writes there now (RunStore.claim)
 
 
 def is_uri(path: str | Path) -> bool:
@@ -73,8 +79,20 @@ class Store:
             return f.read()
 
     def upload_file(self, local: Path, rel: str) -> None:
-        self.fs.create_dir(str(Path(f"{self.path}/{rel}").parent).replace("\\", "/"), recursive=True)
-        pafs.copy_files(str(local), f"{self.path}/{rel}", destination_filesystem=self.fs)
+        """Copy one local file to `rel`, whole or not at all: an object store publishes a write only
+        when it completes; on a filesystem (file://) the copy goes to a temp name and is renamed."""
+        target = f"{self.path}/{rel}"
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            pafs.copy_files(str(local), target, destination_filesystem=self.fs)
+            return
+        tmp = f"{target.rsplit('/', 1)[0]}/.{target.rsplit('/', 1)[1]}.{secrets.token_hex(4)}.upload"
+        try:
+            pafs.copy_files(str(local), tmp, destination_filesystem=self.fs)
+            self.fs.move(tmp, target)
+        finally:
+            if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+                self.fs.delete_file(tmp)
 
     def files(self) -> list[str]:
         """Relative paths of every file below this folder."""
@@ -87,7 +105,7 @@ class Store:
         """Copy every file below this folder into `local` (created; files there are replaced)."""
         local.mkdir(parents=True, exist_ok=True)
         for rel in self.files():
-            if rel.split("/", 1)[0] in skip:
+            if rel.split("/", 1)[0] in skip or rel == ATTEMPT_FILE:
                 continue
             target = local / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +125,41 @@ def resolve(uri: str, key: str) -> Store:
     return Store(fs, path, uri)
 
 
-def scratch_dir(uri: str, name: str) -> Path:
-    """This node's local folder for run `name` stored under `uri`."""
+_attempt: dict[int, str] = {}  # pid -> this process's attempt token (a forked child gets its own)
+
+
+def attempt_token() -> str:
+    """`<pid>-<random>`: names the scratch folders of the runs this process makes."""
+    pid = os.getpid()
+    return _attempt.setdefault(pid, f"{pid}-{secrets.token_hex(4)}")
+
+
+def remove_dead_attempts(uri: str) -> None:
+    """Remove this node's scratch folders of runs under `uri` whose attempt's process is gone (a
+    killed attempt cannot clean up after itself; its replacement does, on the same node)."""
+    folder = scratch_dir(uri, "x").parent
+    for old in folder.glob("attempt-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def scratch_dir(uri: str, name: str, attempt: bool = False) -> Path:
+    """This node's local folder for `name` stored under `uri`; `attempt`: one of this process's own
+    (a run: an attempt that is being stopped and the one replacing it never share a folder)."""
     root = Path(os.environ.get("MEERKAT_RAY_SCRATCH") or Path(tempfile.gettempdir()) / "meerkat-ray-scratch")
-    return root / hashlib.sha1(uri.encode()).hexdigest()[:12] / name
+    folder = root / hashlib.sha1(uri.encode()).hexdigest()[:12]
+    return folder / f"attempt-{attempt_token()}" / name if attempt else folder / name
 
 
 def run_location(cfg) -> str:
@@ -120,56 +169,77 @@ def run_location(cfg) -> str:
 
 # ----------------------------------------------------------------------------- runs
 
-class Uploader:
-    """Uploads the files of a local run folder that changed since the last call; the checkpoint last."""
+class RunStore:
+    """Where a run folder written on this node's scratch goes for good: `store` at its URI.
 
-    def __init__(self, local: Path, store: Store):
-        self.local, self.store, self.sent = local, store, {}
+    `claim()` marks the stored folder as this attempt's (`ATTEMPT_FILE`); `prepare()` runs once
+    every check of a new run has passed, right before its folder is written: a stored run that
+    --overwrite replaces is deleted then, never earlier, and claimed. `commit()` runs after every
+    checkpoint and uploads the files changed since the last call, the checkpoint last. Refused
+    (MeerkatError): a local folder that is not there (the round it would have stored must not be
+    reported, and checkpointed by Tune, as stored), and a stored folder another attempt has claimed
+    since (an attempt that outlives its replacement, e.g. a trial of a stopped Ray job, stops
+    instead of overwriting the replacement's files)."""
 
-    def __call__(self) -> None:
+    def __init__(self, local: Path, store: Store, replaces: bool = False):
+        self.local, self.store, self.replaces, self.sent = local, store, replaces, {}
+
+    def claim(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="meerkat-ray-") as tmp:
+            marker = Path(tmp) / ATTEMPT_FILE
+            marker.write_text(attempt_token())
+            self.store.upload_file(marker, ATTEMPT_FILE)
+
+    def prepare(self) -> None:
+        if self.replaces:
+            self.store.delete()
+        self.claim()
+
+    def commit(self) -> None:
         if not self.local.is_dir():
-            return
+            raise MeerkatError(f"{self.local}: the run folder is gone from this node's scratch, so nothing can be "
+                               f"uploaded to {self.store.uri}")
+        owner = self.store.read_bytes(ATTEMPT_FILE).decode() if self.store.is_file(ATTEMPT_FILE) else None
+        if owner != attempt_token():
+            raise MeerkatError(f"{self.store.uri}: another attempt ({owner or 'none'}) has taken over this run folder "
+                               f"since this one ({attempt_token()}) started; this attempt stops without writing there")
         files = sorted((p for p in self.local.rglob("*") if p.is_file() and not p.name.endswith(".tmp")),
                        key=lambda p: p.name == COMMIT_LAST)
         for path in files:
             stat = path.stat()
             rel = path.relative_to(self.local).as_posix()
-            if self.sent.get(rel) != (stat.st_size, stat.st_mtime_ns):
+            version = (stat.st_size, stat.st_mtime_ns, stat.st_ino)  # an atomic rewrite is a new inode
+            if self.sent.get(rel) != version:
                 self.store.upload_file(path, rel)
-                self.sent[rel] = (stat.st_size, stat.st_mtime_ns)
+                self.sent[rel] = version
 
 
 def run_stored(cfg, overwrite: bool = False, progress: bool = True, on_round=None, resume=None) -> dict:
     """`runner.run_experiment`, with the run folder uploaded to `output_dir` when that is a URI
-    (after every round's checkpoint, before `on_round` sees it, and at the end)."""
+    (after every checkpoint, before `on_round` sees the round, and at the end; `RunStore`)."""
     from .runner import EXISTS, run_experiment
 
     if not is_uri(cfg.output_dir):
         return run_experiment(cfg, overwrite=overwrite, progress=progress, on_round=on_round, resume=resume)
     store = resolve(cfg.output_dir, "output_dir").child(cfg.name)
     local = cfg.run_dir
+    remove_dead_attempts(cfg.output_dir)
+    replaces = False
     if resume is None:
         if store.exists():
             if not overwrite:
                 raise MeerkatError(f"{store.uri}: {EXISTS}")
-            if not store.is_file("config.yaml"):
+            if not (store.is_file("config.yaml") or store.is_file(ATTEMPT_FILE)):  # (an attempt stopped early)
                 raise MeerkatError(f"{store.uri}: not a run folder (no config.yaml); refusing to replace it")
-            store.delete()
-        shutil.rmtree(local, ignore_errors=True)  # this node's leftovers of an earlier attempt
-    upload = Uploader(local, store)
-
-    def after_round(*args) -> None:
-        upload()
-        if on_round:
-            on_round(*args)
-
+            replaces = True
+        shutil.rmtree(local, ignore_errors=True)  # this process's leftovers of an earlier run of the name
+    stored = RunStore(local, store, replaces)
+    if resume is not None:
+        stored.claim()  # from here on, an earlier attempt still running cannot write there
     try:
-        summary = run_experiment(cfg, overwrite=True, progress=progress, on_round=after_round, resume=resume)
-        upload()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            upload()  # whatever the run had checkpointed is resumable from the URI
-        raise
+        summary = run_experiment(cfg, overwrite=True, progress=progress, on_round=on_round, resume=resume,
+                                 store=stored)
+        stored.commit()
     finally:
         shutil.rmtree(local, ignore_errors=True)
     if progress:

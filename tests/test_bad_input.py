@@ -84,6 +84,8 @@ BOUNDS = {
     "ray.chaos_kill_prob": ([0.0, 0.99], [1.0, -0.01]),             # 1 would kill after every dispatch
     "ray.actor_start_timeout_s": ([0.01], [0.0]),
     "ray.actor_setup_timeout_s": ([0.01], [0.0]),
+    "ray.plan_timeout_s": ([0.0, 5.0], [-1.0]),
+    "ray.plan_timeout_floor_s": ([0.01], [0.0]),
 }
 # Choice keys and their values, by hand from the README's config reference.
 CONTRACT_CHOICES = {

@@ -126,9 +126,11 @@ def test_unplaceable_replacements_a_client_is_left_out_the_server_stops_the_run_
     run does not wait for its replacement and finishes the round on the actor left. The server
     actor dies in round 3: the run stops within ray.actor_start_timeout_s with an error naming the
     node, the round and `run --resume`. The resumed run ends bit for bit as the fault-free one, the
-    shrunk round 2 included (kept from before the stop)."""
+    shrunk round 2 included (kept from before the stop). The run is stored at a file:// URI: the
+    `run --resume` the error prints names the URI, and pasted as it is, it completes the run."""
     from meerkat_ray.cli import main
     from meerkat_ray.errors import MeerkatError
+    from meerkat_ray.storage import run_stored
     from meerkat_ray.distributed.actors import ClientActor, ServerActor
     from meerkat_ray.distributed.executor import RayExecutor
 
@@ -149,22 +151,27 @@ def test_unplaceable_replacements_a_client_is_left_out_the_server_stops_the_run_
     monkeypatch.setattr(RayExecutor, "_new_actor", new_actor)
     monkeypatch.setattr(RayExecutor, "new_server_actor", new_server_actor)
     lose_in_round(monkeypatch, {2: lambda ex: ex.actors[0], 3: lambda ex: ex.server.actor})
-    cfg = load_config(None, [*RAY, "ray.actor_start_timeout_s=2", "name=lost", f"output_dir={tmp_path}"])
+    monkeypatch.setenv("MEERKAT_RAY_SCRATCH", str(tmp_path / "scratch"))
+    uri = f"file://{tmp_path / 'store'}"
+    cfg = load_config(None, [*RAY, "ray.actor_start_timeout_s=2", "name=lost", f"output_dir={uri}"])
     with pytest.raises(MeerkatError) as err:
-        run_experiment(cfg, progress=False)
+        run_stored(cfg, progress=False)
     message = str(err.value)
     node = ray_cluster.get_runtime_context().get_node_id()
     for part in ("round 3", f"node {node[:12]}", "ray.actor_start_timeout_s", "checkpoint of round 2",
-                 f"meerkat-ray run --resume {cfg.run_dir}"):
+                 f"meerkat-ray run --resume {uri}/lost`"):
         assert part in message, (part, message)
-    rounds = read_metrics(cfg.run_dir)[1:]
+    stored = tmp_path / "store" / "lost"
+    rounds = read_metrics(stored)[1:]
     assert [m["round"] for m in rounds] == [1, 2]
     assert rounds[1]["pool_shrinks"] == 1 and rounds[1]["actor_restarts"] == 1 and rounds[1]["retries"] >= 1
     assert rounds[1]["pool_regrowths"] == 0
 
     monkeypatch.undo()
-    assert main(["run", "--resume", str(cfg.run_dir), "--quiet"]) == 0
-    assert_same_run(calm, cfg.run_dir)
+    command = message.split("`")[1].split()  # the command as printed, pasted
+    assert command[:3] == ["meerkat-ray", "run", "--resume"]
+    assert main([*command[1:], "--quiet"]) == 0
+    assert_same_run(calm, stored)
     assert ray_cluster.is_initialized()
 
 
@@ -190,45 +197,50 @@ def s3(monkeypatch):
 
 
 class RayCLICluster:
-    """A cluster started with `ray start` (`head`, then `worker` nodes) on private ports and a
-    private temp folder. Stopped by killing exactly the processes whose command line names that
-    temp folder, and their children (never `ray stop`, which stops every Ray on the machine)."""
+    """A cluster started with `ray start` (`head`, then `worker` nodes) and a private temp folder.
+    Every port is 0, so each process binds one the system picks (the head's GCS and dashboard
+    ports are read back from what `ray start` prints): no port is chosen here and released for Ray
+    to take, so no other process can take it in between (the head's Ray Client server, unused
+    here, keeps Ray's fixed default: it takes no 0). Stopped by killing exactly the processes
+    whose command line names that temp folder, and their children (never `ray stop`, which stops
+    every Ray on the machine)."""
 
-    def __init__(self, env: dict):
-        import socket
+    PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port")
+
+    def __init__(self, env: dict, gcs_port: int = 0):
         import tempfile
 
-        def free_port() -> int:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                return sock.getsockname()[1]
-
         self.temp = tempfile.mkdtemp(prefix="mrj", dir="/tmp")  # short: Ray's socket paths have a length limit
-        self.free_port = free_port
-        self.port, self.dashboard = free_port(), free_port()
-        self.gcs, self.env = f"127.0.0.1:{self.port}", env
-        self.ray_bin, self.address = str(Path(sys.executable).parent / "ray"), f"http://127.0.0.1:{self.dashboard}"
+        self.env, self.gcs_port = env, gcs_port
+        self.ray_bin = str(Path(sys.executable).parent / "ray")
+        self.gcs, self.address = (f"127.0.0.1:{gcs_port}" if gcs_port else ""), ""
 
     def head(self, *args: str, env: dict | None = None) -> RayCLICluster:
-        self._start(env or self.env, "--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", *args)
+        import re
+
+        out = self._start(env or self.env, "--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
+                          "--dashboard-host=127.0.0.1", "--dashboard-port=0", *args)
+        gcs = re.search(r"--address='[^':]+:(\d+)'", out)
+        dashboard = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", out)
+        if not (gcs and dashboard):
+            self.stop()
+            raise AssertionError(f"no GCS or dashboard address in the output of ray start:\n{out[-3000:]}")
+        self.gcs, self.address = f"127.0.0.1:{gcs.group(1)}", dashboard.group(1)
         return self
 
     def worker(self, env: dict, *args: str) -> RayCLICluster:
         self._start(env, f"--address={self.gcs}", "--num-cpus=2", *args)
         return self
 
-    def _start(self, env: dict, *args: str) -> None:
-        # every port private: the defaults (52365 for the job agent ...) may belong to another Ray here
-        ports = [f"--{name}={self.free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                            "runtime-env-agent-port", "metrics-export-port",
-                                                            "ray-client-server-port")]
-        proc = subprocess.run([self.ray_bin, "start", *args, *ports, "--node-ip-address=127.0.0.1", "--num-gpus=0",
-                               "--disable-usage-stats", f"--temp-dir={self.temp}"], env=env, capture_output=True,
-                              text=True, timeout=120)
+    def _start(self, env: dict, *args: str) -> str:
+        proc = subprocess.run([self.ray_bin, "start", *args, *(f"--{name}=0" for name in self.PORTS),
+                               "--node-ip-address=127.0.0.1", "--num-gpus=0", "--disable-usage-stats",
+                               f"--temp-dir={self.temp}"], env=env, capture_output=True, text=True, timeout=120)
         if proc.returncode:
             self.stop()
             raise AssertionError(proc.stdout[-2000:] + proc.stderr[-2000:])
+        return proc.stdout + proc.stderr
 
     def job(self, *args, timeout_s: int = 300) -> subprocess.CompletedProcess:
         """`ray job ARGS` against this cluster; retried while the head's job agent is still starting."""
@@ -241,6 +253,16 @@ class RayCLICluster:
             if "No available agent" not in proc.stderr + proc.stdout or time.monotonic() > deadline:
                 return proc
             time.sleep(1)
+
+    def live_actors(self, submission_id: str) -> list[dict]:
+        """Actors of a submitted job that are not dead yet (the state API of the head's dashboard)."""
+        from ray.job_submission import JobSubmissionClient
+        from ray.util.state import list_actors
+
+        job_id = JobSubmissionClient(self.address).get_job_info(submission_id).job_id
+        return [a for a in list_actors(address=self.address, filters=[("job_id", "=", job_id)], limit=1000,
+                                       raise_on_missing_output=False)
+                if a.state != "DEAD"]
 
     def stop(self) -> None:
         import time
@@ -280,6 +302,18 @@ class RayCLICluster:
             return []
 
 
+def until(condition, timeout_s: float) -> bool:
+    """Wait for a state (not for a time): True as soon as `condition()` holds, False after timeout_s."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return bool(condition())
+
+
 JOB_SWEEP = ["grid.mask.density=[0.01]", "grid.fed.local_steps=[2]", "grid.seed=[0,1]", "fed.rounds=4",
              "mask.cache=false", "model.num_threads=1"]
 
@@ -295,6 +329,7 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     trial equals a straight run, and the worker's scratch folder is left empty."""
     import io
     import os
+    import re
     import time
 
     import pandas as pd
@@ -316,20 +351,25 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     store = resolve(s3, "s3").child("smoke")
     try:
         assert cluster.job("submit", "--submission-id", "first", "--no-wait", *command).returncode == 0
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # stop once a trial has uploaded a finished round
-            metrics = [f for f in store.files() if f.endswith("metrics.jsonl")]
-            if any(len(store.read_bytes(f).splitlines()) >= 2 for f in metrics):
-                break
-            time.sleep(0.5)
+        # stop once a trial has a Tune checkpoint at the URI (a round it reported and stored)
+        checkpointed = until(lambda: any(re.fullmatch(r"tune/[^/]+/checkpoint_\d+/checkpoint\.safetensors", f)
+                                         for f in store.files()), 240)
+        assert checkpointed, store.files()
         assert cluster.job("stop", "first").returncode == 0
         status = cluster.job("status", "first")
         assert "stopped" in (status.stdout + status.stderr).lower(), status
         assert not store.is_file("results.parquet")  # it really was interrupted
         first_logs = cluster.job("logs", "first").stdout
+        # the first job's trials outlive `ray job stop` for a while: the resumed sweep starts
+        # once none of them is left (each attempt has its own scratch folder and claims the
+        # stored run folder, so even one still running could not touch the new attempt's files)
+        stopped = time.monotonic()
+        assert until(lambda: not cluster.live_actors("first"), 120), cluster.live_actors("first")
+        print(f"the first job's actors were all dead {time.monotonic() - stopped:.1f} s after `ray job stop`")
 
         second = cluster.job("submit", "--submission-id", "second", *command, "--resume", timeout_s=400)
-        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        errors = {f: store.read_bytes(f).decode()[-1500:] for f in store.files() if f.endswith("error.txt")}
+        assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-3000:], errors)
         status = cluster.job("status", "second")
         assert "succeeded" in (status.stdout + status.stderr).lower(), status
         logs = cluster.job("logs", "second").stdout
@@ -415,21 +455,32 @@ def test_a_sweep_waits_for_autoscaled_gpu_workers_which_leave_when_idle(tmp_path
     import pandas as pd
     import yaml
 
+    import socket
+
     env = cluster_env(tmp_path)
     head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     config = tmp_path / "autoscaling.yaml"
-    cluster = RayCLICluster(env)
+    with socket.socket() as sock:  # the fake provider must know the GCS address before the head starts
+        sock.bind(("127.0.0.1", 0))
+        gcs_port = sock.getsockname()[1]
+    cluster = RayCLICluster(env, gcs_port=gcs_port)
     config.write_text(yaml.safe_dump(fake_autoscaling_config(cluster.gcs, idle_timeout_minutes=0.1)))
     cluster.head(f"--autoscaling-config={config}", env=head_env)
     try:
         assert gpu_workers(cluster) == 0
-        sweep = subprocess.run(
+        sweep = subprocess.Popen(
             [str(Path(sys.executable).parent / "meerkat-ray"), "tune", str(HERE.parent / "tune_configs" / "smoke.yaml"),
              "grid.mask.density=[0.01]", "grid.fed.local_steps=[2]", "mask.cache=false", "model.num_threads=1",
              "ray.gpus_per_client=1", f"ray.address={cluster.gcs}", f"tune.output_dir={tmp_path}", "--quiet"],
-            env=env, capture_output=True, text=True, timeout=300)
-        assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[:5000]
-        launched = gpu_workers(cluster)
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        launched, deadline = 0, time.monotonic() + 300
+        while sweep.poll() is None and time.monotonic() < deadline:  # the workers seen while the sweep runs
+            launched = max(launched, gpu_workers(cluster))  # (an idle one may be gone again by its end)
+            time.sleep(0.5)
+        if sweep.poll() is None:
+            sweep.kill()
+        out, err = sweep.communicate(timeout=30)
+        assert sweep.returncode == 0, out[-3000:] + err[:5000]
         deadline = time.monotonic() + 90
         while gpu_workers(cluster) and time.monotonic() < deadline:
             time.sleep(1)

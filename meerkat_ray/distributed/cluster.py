@@ -120,7 +120,11 @@ def federation_demand(cfg: Config) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- lost nodes
 
-LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)  # an actor (or its node) is gone
+class ActorFrozen(Exception):
+    """An actor missed the deadline of a call (`deadlines.Deadlines`) and was killed: handled as lost."""
+
+
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ActorFrozen)  # an actor (or its node) is gone
 
 
 def node_label(node_id: str | None) -> str:
@@ -132,7 +136,11 @@ def node_label(node_id: str | None) -> str:
 
 
 def resume_hint(cfg: Config, round_: int) -> str:
+    """The command that continues the run, naming where its folder is kept (a URI, not this node's
+    scratch copy, for a run stored at one)."""
+    from ..storage import run_location
+
     return (f"the run folder holds the checkpoint of round {max(round_ - 1, 0)}: `meerkat-ray run --resume "
-            f"{cfg.run_dir}` continues it (a Tune trial retries from it by itself, up to tune.max_failures)")
+            f"{run_location(cfg)}` continues it (a Tune trial retries from it by itself, up to tune.max_failures)")
 
 

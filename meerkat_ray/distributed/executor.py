@@ -36,6 +36,7 @@ from ..zo import accuracy_and_loss
 from .actors import ClientActor, ServerActor
 from .cluster import (CONTROL_CPUS, LOST, NO_TASK_EVENTS, connect, disconnect, federation_demand, node_label,
                       resume_hint, trial_bundles)
+from .deadlines import Deadlines
 from .server_proxy import ServerProxy
 
 IN_FLIGHT = 2         # plans queued per client actor (the second hides the driver round trip)
@@ -66,9 +67,12 @@ class RayExecutor:
     started it - at once where there is room, when the autoscaler has added a node, or never; once
     up it restores the global values of the last finished round (the driver's copy) and joins the pool
     (`pool_regrowths`). Only when no client actor is left does the run wait for one, at most
-    `ray.actor_start_timeout_s`. A client's result depends only on the global values, its plan and
-    its data, so the run ends bit-identical to a fault-free one. A lost server actor is restored by
-    `ServerProxy`. The driver's own copy of the global values (`theta`, after `round`) is what
+    `ray.actor_start_timeout_s`. A client actor that stops answering is handled the same way: every
+    call the driver waits on has a deadline (`deadlines.Deadlines`: a plan's from the measured time
+    per step, `ray.plan_timeout_s` / `ray.plan_timeout_floor_s`), and an actor that misses it is
+    killed and counted as lost (`actor_timeouts`). A client's result depends only on the global
+    values, its plan and its data, so the run ends bit-identical to a fault-free one. A lost server
+    actor is restored by `ServerProxy`. The driver's own copy of the global values (`theta`, after `round`) is what
     replacements, client or server, restore.
     """
 
@@ -85,6 +89,7 @@ class RayExecutor:
         self.victims: set[int] = set()       # id() of actors killed by the chaos option
         self.chaos = np.random.default_rng(derive_seed(cfg.seed, "chaos")) if cfg.ray.chaos_kill_prob > 0 else None
         self.counts = dict.fromkeys(FAULT_COUNTERS, 0)
+        self.deadlines = Deadlines(cfg.ray, self.counts)
         self.pg = self._own_placement_group(cfg)
         # the server actor's process starts alongside the client actors'; it is set up in make_server
         self.server_actor = self.new_server_actor()
@@ -149,10 +154,12 @@ class RayExecutor:
     # -- the pool
 
     def run_clients(self, plans, on_result=None):
-        """Every plan runs on some actor; a lost actor's plans go back to the queue."""
+        """Every plan runs on some actor; a lost actor's plans go back to the queue, and so do those
+        of an actor that misses its current plan's deadline (it is killed)."""
         queue = deque(plans)
         pending: dict = {}  # ObjectRef -> (actor, plan)
-        load: dict[int, int] = {}
+        held: dict[int, deque] = {}  # id(actor) -> its plans in flight, in the order it runs them
+        busy_since: dict[int, float] = {}  # id(actor) -> when it started the first of them
         results = {}
         round_ = plans[0].round if plans else self.round + 1
         while queue or pending:
@@ -160,31 +167,46 @@ class RayExecutor:
             # clients must not pile up on the first actors while the others wait
             for depth in range(1, IN_FLIGHT + 1):
                 for actor in list(self.actors):
-                    if queue and load.setdefault(id(actor), 0) < depth and id(actor) not in self.victims:
+                    mine = held.setdefault(id(actor), deque())
+                    if queue and len(mine) < depth and id(actor) not in self.victims:
                         plan = queue.popleft()
                         pending[actor.run.remote(plan)] = (actor, plan)
-                        load[id(actor)] += 1
+                        if not mine:
+                            busy_since[id(actor)] = time.monotonic()
+                        mine.append(plan)
                         self._maybe_kill(actor)
             if not pending:  # no client actor is left: wait (bounded) for a replacement
                 self._wait_for_actors(round_)
                 continue
-            done, _ = ray.wait(list(pending) + list(self.starting), num_returns=1)
+            owners = {id(a): a for a, _ in pending.values()}
+            due = {k: busy_since[k] + self.deadlines.allowance("plan", held[k][0].steps) for k in owners}
+            done, _ = ray.wait(list(pending) + list(self.starting), num_returns=1,
+                               timeout=max(0.0, min(due.values()) - time.monotonic()))
+            if not done:  # an actor sits on its plan past the deadline: frozen, handled as lost
+                for k in [k for k, t in due.items() if t <= time.monotonic()]:
+                    self.deadlines.kill_frozen(owners[k], self._name(owners[k]), time.monotonic() - busy_since[k])
+                    self._lost(owners[k], pending, queue)  # its plans go back to the queue
+                    held.pop(k, None)
+                continue
             if done[0] in self.starting:  # a replacement is up: it takes plans from the next pass on
                 self._admit(done[0])
                 continue
             actor, plan = pending.pop(done[0])
-            load[id(actor)] -= 1
+            held[id(actor)].popleft()
+            busy_since[id(actor)] = time.monotonic()
             try:
                 result = ray.get(done[0])
             except LOST:
                 self.counts["retries"] += 1
                 queue.appendleft(plan)
                 self._lost(actor, pending, queue)
+                held.pop(id(actor), None)
                 continue
+            self.deadlines.observe("plan", result.compute_s, plan.steps)
             results[result.client] = result
             if on_result:
                 on_result(result)
-            if id(actor) in self.victims and load[id(actor)] == 0:
+            if id(actor) in self.victims and not held[id(actor)]:
                 self._lost(actor)  # killed after its last plan had already finished
         return [results[p.client] for p in plans]  # keyed by client: arrival order never matters
 
@@ -266,17 +288,19 @@ class RayExecutor:
     def fault_counts(self) -> dict:
         """Clients re-run, actors replaced, pool shrinks and regrowths, server restores since the last
         call (per round in metrics.jsonl)."""
-        counts, self.counts = self.counts, dict.fromkeys(FAULT_COUNTERS, 0)
+        counts = dict(self.counts)
+        self.counts.update(dict.fromkeys(FAULT_COUNTERS, 0))  # in place: the deadlines count into it too
         return counts
 
     def _on_every_actor(self, method: str, *args) -> None:
         """Call `method` on every ready actor and wait; a dead one leaves the pool. Replacements that
         are up by then join afterwards and restore the state the call leads to (`self.round` is
         already the round it brings the actors to)."""
+        since = time.monotonic()
         calls = [(a, getattr(a, method).remote(*args)) for a in self.actors]
         for actor, ref in calls:
             try:
-                ray.get(ref)
+                self.deadlines.get(actor, ref, method, self._name(actor), since)
             except LOST:
                 self._lost(actor)
         self._admit_started()
@@ -305,11 +329,12 @@ class RayExecutor:
         numbers equal a single worker's to the bit."""
         while True:
             actors = self._ready_actors()
+            since = time.monotonic()
             calls = [(a, a.evaluate_shard.remote(i, len(actors))) for i, a in enumerate(actors)]
             shards = []
             for actor, ref in calls:
                 try:
-                    shards.append(ray.get(ref))
+                    shards.append(self.deadlines.get(actor, ref, "evaluate", self._name(actor), since))
                 except LOST:
                     self._lost(actor)
             if len(shards) == len(actors):
@@ -322,14 +347,18 @@ class RayExecutor:
         """Every client actor's digest of its global values (32 bytes each, not n values)."""
         while True:
             actors = self._ready_actors()
+            since = time.monotonic()
             digests = []
             for actor, ref in [(a, a.theta_digest.remote()) for a in actors]:
                 try:
-                    digests.append(ray.get(ref))
+                    digests.append(self.deadlines.get(actor, ref, "theta_digest", self._name(actor), since))
                 except LOST:
                     self._lost(actor)
             if len(digests) == len(actors):
                 return digests
+
+    def _name(self, actor) -> str:
+        return f"client-actor-{self.slot_of.get(id(actor))}"
 
     def actor_info(self) -> list[dict]:
         return ray.get([a.info.remote() for a in self.actors])

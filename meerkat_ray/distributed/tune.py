@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from .. import storage
-from ..checkpoint import RunCheckpoint
+from ..checkpoint import RunCheckpoint, open_resume
 from ..config import Config, set_dotted
 from ..errors import MeerkatError
 from ..experiment import check_model, prepare_data
@@ -72,10 +72,14 @@ def run_trial(params: dict, base: dict, runs_dir: str) -> None:
     resume = None
     checkpoint = tune.get_checkpoint()  # set when Tune retries a failed trial or resumes a sweep
     if checkpoint is not None:
-        storage.fetch_run_dir(cfg)  # a run folder stored at a URI comes back to this node first
-    if checkpoint is not None and (cfg.run_dir / "metrics.jsonl").is_file():
         with checkpoint.as_directory() as folder:
-            resume = RunCheckpoint.load(folder)
+            kept = RunCheckpoint.load(folder)
+        storage.fetch_run_dir(cfg)  # a run folder stored at a URI comes back to this node first
+        try:  # the checks of `run --resume`: never a checkpoint newer than the run folder's logs
+            _, resume = open_resume(cfg.run_dir, kept, expect=cfg)
+        except MeerkatError as exc:
+            raise MeerkatError(f"Tune's checkpoint of round {kept.round} does not fit the run folder "
+                               f"{storage.run_location(cfg)}: {exc}") from None
     run_experiment_with_reports(cfg, resume)
 
 
@@ -255,8 +259,16 @@ def results_table(sweep: Sweep, results) -> pd.DataFrame:
             "flagged_clients": [int(k) for k in str(m.get("flagged_clients") or "").split(",") if k],
             **flagging(m.get("run_dir")),
             "run_dir": m.get("run_dir"),
+            "error": last_line(result.error),
+            "trial_path": result.path,  # Tune's folder of the trial (error.txt, checkpoints), at the sweep's storage
         })
     return pd.DataFrame(rows).sort_values(["trial_index", "trial_id"], ignore_index=True)
+
+
+def last_line(error) -> str | None:
+    """The last non-empty line of a failed trial's error (its exception's own message), or None."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] if error is not None else []
+    return lines[-1] if lines else None
 
 
 def proposal_index(metrics: dict) -> int:
@@ -272,6 +284,16 @@ def flagging(run_dir: str | None) -> dict:
     quality = json.loads(text).get("flagging") if text else None
     quality = quality or {}
     return {"flag_precision": quality.get("precision"), "flag_recall": quality.get("recall")}
+
+
+def error_file(sweep: Sweep, trial_path: str) -> str:
+    """Where a failed trial's error.txt is kept: in Tune's trial folder at the sweep's storage (the
+    URI for a sweep stored at one)."""
+    store = storage.sweep_store(sweep)
+    name = str(trial_path).rstrip("/").rsplit("/", 1)[-1]
+    if store is None:
+        return str(sweep.folder / EXPERIMENT / name / "error.txt")
+    return storage.uri_join(store.uri, EXPERIMENT, name, "error.txt")
 
 
 def write_results(table: pd.DataFrame, folder: Path) -> None:
@@ -299,7 +321,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, progr
     tracking.finish(table, folder, complete=bool(done.all()) and len(table) >= sweep.expected_trials)
     storage.publish(sweep, folder, "results.parquet", "results.csv")
     if progress:
-        shown = [c for c in table.columns if c not in ("run_dir", "trial_id")]
+        shown = [c for c in table.columns if c not in ("run_dir", "trial_id", "trial_path", "error")]
         where = storage.sweep_store(sweep).uri if storage.sweep_store(sweep) else folder
         print(f"\n{len(table)} trials -> {where}/results.csv")
         print(table[shown].to_string(index=False))
