@@ -205,6 +205,8 @@ class Server:
             metrics["participants"] = [p.client for p in plans]
         if decided_now:  # the decision, visible in the round it is made
             metrics["vpcs"] = {str(k): vars(st) for k, st in sorted(self.vp.stats.items())}
+            metrics["vpcs_left_out_clients"] = sorted(self.vp.left_out)  # judged by no one, not flagged
+            metrics["vpcs_left_out_reasons"] = {str(k): v for k, v in sorted(self.vp.left_out.items())}
             metrics["vp_calib_steps"] = self.cfg.vp.calib_steps
         return metrics
 

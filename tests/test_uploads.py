@@ -1,6 +1,8 @@
 """Malformed and non-finite client uploads. The server checks every field of every algorithm's
 ClientResult before anything reads it: a refused client is left out of the round, named in
 `rejected_clients` and `rejected_reasons` (the reason names the field), and the round goes on.
+VPCS leaves out a client without a finite calibration trajectory and says so in the deciding
+round's metrics instead of letting one NaN make the population reference NaN.
 
 Results are built by hand; the expected outcome of a refused upload is the contract's: the round
 goes exactly as if that client had sent nothing."""
@@ -14,7 +16,8 @@ import torch
 from conftest import TINY_RUN
 
 from meerkat_ray.client import ClientWorker
-from meerkat_ray.config import load_config
+from meerkat_ray.config import VPConfig, load_config
+from meerkat_ray.gradip import VPState
 from meerkat_ray.messages import ClientResult
 from meerkat_ray.runlog import read_metrics, read_path
 from meerkat_ray.runner import run_experiment
@@ -122,6 +125,68 @@ def test_honest_uploads_of_every_algorithm_pass_the_checks(algorithm):
         results[0] = replace(results[0], losses=tuple(results[0].losses))   # a tuple is a sequence too
         results[1] = replace(results[1], losses=[np.float64(v) for v in results[1].losses])  # numpy numbers are numbers
         assert server.finish_round(1, plans, results).metrics["rejected_clients"] == []
+
+
+# ----------------------------------------------------------------------------- VPCS and non-finite GradIP
+
+def decaying(t: np.ndarray) -> np.ndarray:
+    return np.exp(-t / 2)
+
+
+def oscillating(t: np.ndarray, k: int) -> np.ndarray:
+    return (1.0 + 0.5 * np.sin(t + k)) * (-1.0) ** t
+
+
+def test_vpcs_leaves_out_a_non_finite_trajectory_and_still_flags_the_decaying_client():
+    """Client 0 decays, 1-3 oscillate, client 2's trajectory holds a NaN (say its GradIP overflowed
+    on the server): the others' decision is the one they would get without client 2 at all."""
+    t = np.arange(12)
+    series = {0: decaying(t), 1: oscillating(t, 1), 2: oscillating(t, 2), 3: oscillating(t, 3)}
+    series[2][7] = NAN
+    state = VPState(VPConfig(calib_steps=12), num_clients=4, seed=0)
+    for k, v in series.items():
+        state.record(k, list(v))
+    assert state.maybe_decide(1, planned_steps=12)
+    without = VPState(VPConfig(calib_steps=12), num_clients=4, seed=0)
+    for k in (0, 1, 3):
+        without.record(k, list(series[k]))
+    without.record(2, list(series[2][:1]))
+    assert without.maybe_decide(1, planned_steps=12)
+    assert sorted(state.stats) == [0, 1, 3] and state.stats == without.stats
+    assert state.stats[0].quiet_fraction == 1.0  # decided against a finite population reference
+    assert list(state.left_out) == [2] and "non-finite" in state.left_out[2] and "step 7" in state.left_out[2]
+    assert "1 of 12" in without.left_out[2]  # a trajectory cut short is left out, and said to be
+
+
+def test_the_deciding_round_reports_a_client_left_out_for_a_refused_non_finite_grad_ip():
+    """first_order under Meerkat-vp: client 2 reports a NaN GradIP in the calibration round; it is
+    refused, VPCS decides without it (flagging the decaying client 0) and the metrics say so."""
+    server = make_server("first_order", "vp.enabled=true", "vp.calib_steps=12", g_pre=torch.ones(N),
+                         sizes=[40] * 4)
+    plans = server.plan_round(1)
+    assert [p.steps for p in plans] == [12] * 4
+    t = np.arange(12)
+    series = {0: decaying(t), 1: oscillating(t, 1), 2: oscillating(t, 2), 3: oscillating(t, 3)}
+    series[2][5] = NAN
+    results = [honest("first_order", p, [float(v) for v in series[p.client]]) for p in plans]
+    m = server.finish_round(1, plans, results).metrics
+    assert m["rejected_clients"] == [2] and "grad_ips" in m["rejected_reasons"]["2"]
+    assert m["vp_decided"] and m["flagged_clients"] == [0] and sorted(m["vpcs"]) == ["0", "1", "3"]
+    assert m["vpcs_left_out_clients"] == [2] and "0 of 12" in m["vpcs_left_out_reasons"]["2"]
+    assert server.state_dict()["vp"]["left_out"] == {"2": m["vpcs_left_out_reasons"]["2"]}  # kept for the summary
+
+
+def test_a_non_finite_g_pre_leaves_every_client_out_and_says_so():
+    """A g_pre with a NaN makes every GradIP NaN: VPCS decides, flags no one, and names every client
+    as left out (before, the NaN population reference flagged no one without a word)."""
+    g_pre = torch.ones(N)
+    g_pre[3] = NAN
+    server = make_server("sparse_zo", "vp.enabled=true", f"vp.calib_steps={T}", g_pre=g_pre)
+    plans = server.plan_round(1)
+    m = server.finish_round(1, plans, [honest("sparse_zo", p) for p in plans]).metrics
+    assert m["rejected_clients"] == [] and m["vp_decided"] and m["flagged_clients"] == [] and m["vpcs"] == {}
+    assert m["vpcs_left_out_clients"] == [0, 1, 2]
+    assert all("non-finite" in m["vpcs_left_out_reasons"][str(k)] for k in range(K))
 
 
 # ----------------------------------------------------------------------------- end to end
