@@ -16,6 +16,14 @@ then early-stopped (1 local step per round instead of T). Who is stopped is deci
 `vp.policy` object (`strategies/policies.py`: gradip = these flags, random = as many at random);
 this module collects the trajectories and computes the statistics the policies read.
 
+Left out of the decision (judged by no one, never flagged, and named with the reason in the
+deciding round's metrics, `vpcs_left_out_clients` / `vpcs_left_out_reasons`): a client with fewer
+than `calib_steps` GradIPs by then (its results were refused, or it was not sampled), and a client
+whose calibration trajectory holds a non-finite GradIP (one NaN would make the population reference
+NaN, so that no step is quiet and VPCS flags no one). The others are decided exactly as if the
+left-out clients did not exist; if every trajectory is full but none finite, VPCS decides that it
+flags no one.
+
 The decay shows only on an *uninterrupted* local trajectory (each averaging restarts a client from
 a global model the others pull back), so by default the calibration is round 1, run for
 `calib_steps` steps from the initial model (`vp.calibration`, see `config.round_steps`).
@@ -83,6 +91,7 @@ class VPState:
         self.trajectories: dict[int, list[float]] = {k: [] for k in range(num_clients)}
         self.flagged: list[int] = []
         self.stats: dict[int, VPCSStats] = {}
+        self.left_out: dict[int, str] = {}  # client -> why the decision left it out
         self.decided_round: int | None = None
         self.rng = np.random.default_rng([seed, 7])
 
@@ -102,16 +111,23 @@ class VPState:
         """Decide after the first round by which every client could have run `calib_steps` steps
         (`planned_steps`: the local steps of rounds 1..round_ for a client that was not stopped).
 
-        Clients whose trajectory is still short then (their results were rejected) are not flagged."""
+        Clients with a short or non-finite trajectory then are left out (`left_out`, the reason)."""
         if self.decided or not self.cfg.enabled:
             return False
         steps = self.cfg.calib_steps
         if planned_steps < steps:
             return False
-        window = {k: np.asarray(v[:steps]) for k, v in self.trajectories.items() if len(v) >= steps}
-        if not window:
+        full = {k: np.asarray(v[:steps], dtype=np.float64) for k, v in self.trajectories.items() if len(v) >= steps}
+        if not full:
             return False
-        self.stats = vpcs_statistics(window, self.cfg)
+        left_out = {k: f"{len(v)} of {steps} calibration GradIPs (results refused, or not sampled)"
+                    for k, v in self.trajectories.items() if len(v) < steps}
+        for k, a in full.items():
+            bad = np.flatnonzero(~np.isfinite(a))
+            if bad.size:
+                left_out[k] = f"non-finite GradIP at calibration step {int(bad[0])}: {a[bad[0]]}"
+        self.left_out = dict(sorted(left_out.items()))
+        self.stats = vpcs_statistics({k: a for k, a in full.items() if k not in left_out}, self.cfg)
         self.decided_round = round_
         return True
 
@@ -122,6 +138,7 @@ class VPState:
             "trajectories": {str(k): [float(v) for v in t[:steps]] for k, t in self.trajectories.items()},
             "flagged": list(self.flagged),
             "stats": {str(k): vars(s) for k, s in self.stats.items()},
+            "left_out": {str(k): reason for k, reason in self.left_out.items()},
             "decided_round": self.decided_round,
             "rng": self.rng.bit_generator.state,
         }
@@ -130,6 +147,7 @@ class VPState:
         self.trajectories = {int(k): list(t) for k, t in vp["trajectories"].items()}
         self.flagged = list(vp["flagged"])
         self.stats = {int(k): VPCSStats(**s) for k, s in vp["stats"].items()}
+        self.left_out = {int(k): reason for k, reason in vp.get("left_out", {}).items()}  # none in older checkpoints
         self.decided_round = vp["decided_round"]
         self.rng.bit_generator.state = vp["rng"]
 

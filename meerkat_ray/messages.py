@@ -10,6 +10,7 @@ and receives the new global values (n values) instead of terms: 4 bytes each, co
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +52,18 @@ class ClientResult:
     grad_ips: list[float] | None = None  # first-order under Meerkat-vp: GradIP per step, computed by the client
 
     def payload_bytes(self) -> int:
-        extra = (0 if self.values is None else VALUE_BYTES * self.values.numel()) + WORD * len(self.grad_ips or ())
-        return WORD * (2 + len(self.scalars)) + LOSS_BYTES * len(self.losses) + extra
+        """Counted for every result, refused ones included, so a malformed field (the server's check
+        names it) counts as the numbers it holds, if it is a list or a tensor, else 0."""
+        return (WORD * (2 + entries(self.scalars)) + LOSS_BYTES * entries(self.losses)
+                + VALUE_BYTES * entries(self.values) + WORD * entries(self.grad_ips))
+
+
+def entries(value) -> int:
+    """How many numbers an uploaded field holds: a list's or tuple's length, a tensor's elements, else 0."""
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    torch = sys.modules.get("torch")  # a tensor exists only where torch is loaded: no import here
+    return int(value.numel()) if torch is not None and isinstance(value, torch.Tensor) else 0
 
 
 @dataclass

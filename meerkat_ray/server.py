@@ -7,6 +7,7 @@ becomes the next global values up to the client algorithm (`algorithms/`, `fed.a
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ import pandas as pd
 import torch
 
 from .algorithms import make_algorithm
+from .algorithms.base import short
 from .algorithms.first_order import NO_SEED
 from .config import Config, round_steps
 from .gradip import VPState
@@ -110,19 +112,29 @@ class Server:
 
     @staticmethod
     def check_result(plan: ClientPlan, result: ClientResult | None, clip: float = 0.0, algorithm=None,
-                     n: int = 0) -> str:
-        """Why a result is rejected ('' = accepted); what it must hold is the algorithm's to say
-        (sparse_zo by default: with `clip` > 0, zo.clip, a |scalar| > clip is refused too)."""
+                     n: int = 0, vp: bool = False) -> str:
+        """Why a result is rejected ('' = accepted), in one line: a ClientResult answering this plan's
+        round and client (ints), holding what the algorithm says (sparse_zo by default: with `clip`
+        > 0, zo.clip, a |scalar| > clip is refused too; `vp`: Meerkat-vp runs)."""
         if result is None:
             return "no result"
-        if result.round != plan.round or result.client != plan.client:
-            return f"answered round {result.round} client {result.client}"
-        return (algorithm or make_algorithm("sparse_zo")).check_upload(plan, result, n, clip)
+        if not isinstance(result, ClientResult):
+            return f"sent a {type(result).__name__}, not a ClientResult"
+        ids = (result.round, result.client)
+        if not all(map(is_id, ids)) or ids != (plan.round, plan.client):
+            return f"answered round {short(result.round)} client {short(result.client)}"
+        return (algorithm or make_algorithm("sparse_zo")).check_upload(plan, result, n, clip, vp)
 
     def finish_round(self, round_: int, plans: list[ClientPlan], results: list[ClientResult | None]) -> RoundOutcome:
-        """Check results, replay the accepted virtual paths, GradIP, VPCS, aggregate, account bytes."""
-        by_client = {r.client: r for r in results if r is not None}
-        accepted, rejected = self._check_results(plans, by_client)
+        """Check results, replay the accepted virtual paths, GradIP, VPCS, aggregate, account bytes.
+
+        `results[i]` answers `plans[i]` (what an executor returns); whatever it holds, nothing reads
+        it before the check has accepted it or named why not."""
+        if len(results) != len(plans):
+            raise RuntimeError(f"round {round_}: {len(results)} results for {len(plans)} plans")
+        answers = {p.client: r for p, r in zip(plans, results)}
+        accepted, rejected = self._check_results(plans, answers)
+        by_client = {p.client: answers[p.client] for p in accepted}
         paths = self._paths(round_, accepted, by_client)
         sync, grad_ips_of = self.algorithm.aggregate(self, round_, paths, by_client, self.is_probe(round_))
         rows = []
@@ -140,17 +152,17 @@ class Server:
             flagged = policy.early_stop(view)
             if flagged is not None:
                 self.vp.flagged = view.flagged = flagged
-        metrics = self._account(round_, plans, accepted, rejected, by_client, sync, decided_now)
+        metrics = self._account(round_, plans, accepted, rejected, answers, sync, decided_now)
         frame = pd.DataFrame(rows, columns=["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"])
         frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64"})
         return RoundOutcome(metrics=metrics, path_rows=frame, sync=sync)
 
-    def _check_results(self, plans, by_client) -> tuple[list[ClientPlan], dict[int, str]]:
+    def _check_results(self, plans, answers) -> tuple[list[ClientPlan], dict[int, str]]:
         """The plans whose results are accepted, and why the others were refused."""
         accepted, rejected = [], {}
         for plan in plans:
-            reason = self.check_result(plan, by_client.get(plan.client), self.cfg.zo.clip, self.algorithm,
-                                       self.theta.numel())
+            reason = self.check_result(plan, answers[plan.client], self.cfg.zo.clip, self.algorithm,
+                                       self.theta.numel(), self.cfg.vp.enabled)
             if reason:
                 rejected[plan.client] = reason
             else:
@@ -168,15 +180,15 @@ class Server:
                            lr=p.lr)
                 for p in accepted]
 
-    def _account(self, round_: int, plans, accepted, rejected, by_client, sync, decided_now: bool) -> dict:
+    def _account(self, round_: int, plans, accepted, rejected, answers, sync, decided_now: bool) -> dict:
         """Bytes and steps into the counters; the server's part of the round's metrics.jsonl record."""
-        up = sum(by_client[p.client].payload_bytes() for p in plans if p.client in by_client)
+        up = sum(r.payload_bytes() for r in answers.values() if isinstance(r, ClientResult))  # refused ones too
         down = sum(p.payload_bytes() for p in plans) + self.num_clients * sync.payload_bytes()  # sync: to all
         self.uplink_bytes += up
         self.downlink_bytes += down
         steps = sum(p.steps for p in accepted)
         self.local_steps += steps
-        losses = [v for p in accepted for v in by_client[p.client].losses]
+        losses = [v for p in accepted for v in answers[p.client].losses]
         metrics = {
             "round": round_,
             "train_loss": float(np.mean(losses)) if losses else None,
@@ -193,5 +205,12 @@ class Server:
             metrics["participants"] = [p.client for p in plans]
         if decided_now:  # the decision, visible in the round it is made
             metrics["vpcs"] = {str(k): vars(st) for k, st in sorted(self.vp.stats.items())}
+            metrics["vpcs_left_out_clients"] = sorted(self.vp.left_out)  # judged by no one, not flagged
+            metrics["vpcs_left_out_reasons"] = {str(k): v for k, v in sorted(self.vp.left_out.items())}
             metrics["vp_calib_steps"] = self.cfg.vp.calib_steps
         return metrics
+
+
+def is_id(value) -> bool:
+    """A round or client id as a client must send it: an integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -4,7 +4,9 @@ An algorithm is a class registered with `@register("name")`; it has three parts:
 - `local_steps(worker, plan, theta)`: on the client, `plan.steps` local steps from the global
   values `theta` (fp32, mask order, updated in place) on the client's persistent data stream
   (step t reads the batch at `plan.cursor + t * batch_size`, whatever the algorithm);
-- `check_upload(plan, result, n, clip)`: on the server, why a result is refused ('' = accepted);
+- `check_upload(plan, result, n, clip, vp)`: on the server, why a result is refused ('' = accepted):
+  every field of the ClientResult it may carry, and that the fields it does not use are unset
+  (`vp`: Meerkat-vp runs; `Server.check_result` has checked the result's type, round and client);
 - `aggregate(server, round_, paths, results, probe)`: on the server, the new global values and the
   SyncMessage that brings every worker to them, plus each accepted client's GradIP trajectory.
 Hooks with defaults (the plain model and the run's mask): `adapt_model(lm, cfg)` changes the model
@@ -18,6 +20,7 @@ This module stays light (config validation imports it): torch-level code is impo
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from ..registry import registrar
@@ -52,7 +55,7 @@ class Algorithm:
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
         raise NotImplementedError
 
-    def check_upload(self, plan, result, n: int, clip: float) -> str:
+    def check_upload(self, plan, result, n: int, clip: float, vp: bool = False) -> str:
         raise NotImplementedError
 
     def aggregate(self, server, round_: int, paths, results: dict, probe: bool):
@@ -69,8 +72,26 @@ class Algorithm:
         return model
 
 
-def finite(values) -> bool:
-    try:
-        return all(math.isfinite(float(v)) for v in values)
-    except (TypeError, ValueError):
-        return False
+def numbers_problem(field: str, values, steps: int) -> str:
+    """Why the uploaded `field` is not a list of `steps` finite real numbers ('' = it is). A tuple
+    counts as a list; bools, strings, tensors and complex numbers are not numbers."""
+    if not isinstance(values, (list, tuple)):
+        return f"{field}: a {type(values).__name__}, not a list of {steps} numbers"
+    if len(values) != steps:
+        return f"sent {len(values)} {field} for {steps} steps"
+    for t, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            return f"non-numeric {field}[{t}]: {short(v)}"
+        try:
+            finite = math.isfinite(v)
+        except (TypeError, ValueError, OverflowError):  # a Real that has no float value
+            return f"non-numeric {field}[{t}]: {short(v)}"
+        if not finite:
+            return f"non-finite {field}[{t}]: {short(v)}"
+    return ""
+
+
+def short(value, limit: int = 40) -> str:
+    """A bounded repr of something a client sent, for a one-line reason."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

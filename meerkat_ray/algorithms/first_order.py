@@ -8,8 +8,10 @@ mask order), plain SGD theta <- theta - lr g_t with lr = `fed.fo_lr` (0 = `zo.lr
 step needs its own value: the ZO step's size grows with sqrt(n), SGD's does not). With Meerkat-vp
 on, the client also reports GradIP_t = <g_pre, g_t> - the exact quantity the ZO GradIP
 g_t <g_pre, z_t> estimates - so VPCS runs unchanged on the server (g_pre is public: it comes with
-the mask). Server: w_{r+1} = sum_k p_k theta_k^{(T_k)} over the accepted clients (float64 sum, one
-fp32 rounding), sent whole to every worker.
+the mask). A step whose loss or gradient is not finite leaves theta as it was and shows in the upload
+(the loss; under Meerkat-vp a NaN GradIP): the server refuses it, as it refuses a ZO client's
+non-finite scalar. Server: w_{r+1} = sum_k p_k theta_k^{(T_k)} over the accepted clients (float64
+sum, one fp32 rounding), sent whole to every worker.
 
 Bytes per client per round: uplink 4 n (the client's final masked values, float32) + 8 (round) +
 8 (client) + 4 T (losses) [+ 8 T GradIPs under Meerkat-vp]; downlink 4 n (the new global values)
@@ -29,7 +31,7 @@ import math
 
 from ..errors import ConfigError
 from ..messages import SyncMessage
-from .base import Algorithm, LocalOutcome, finite, register
+from .base import Algorithm, LocalOutcome, numbers_problem, register, short
 
 NO_SEED = -1  # path.parquet's seed for a step that has none
 
@@ -60,18 +62,29 @@ class FirstOrder(Algorithm):
             grad_ips.append(float(g_pre.dot(grad.double())) if g_pre is not None and grad is not None else math.nan)
         return LocalOutcome(scalars=[], losses=losses, values=theta, grad_ips=grad_ips if g_pre is not None else None)
 
-    def check_upload(self, plan, result, n: int, clip: float) -> str:
+    def check_upload(self, plan, result, n: int, clip: float, vp: bool = False) -> str:
+        """`plan.steps` finite losses, the n finite masked values (a float32 CPU vector), no scalars,
+        and under Meerkat-vp (`vp`) `plan.steps` finite GradIPs, else none."""
         import torch
 
-        if len(result.losses) != plan.steps:
-            return f"sent {len(result.losses)} losses for {plan.steps} steps"
+        if not isinstance(result.scalars, (list, tuple)) or len(result.scalars):
+            return f"scalars: {short(result.scalars)}, but {self.name} uploads an empty list"
+        reason = numbers_problem("losses", result.losses, plan.steps)
+        if reason:
+            return reason
         values = result.values
-        if not isinstance(values, torch.Tensor) or values.dtype != torch.float32 or values.shape != (n,):
-            return f"sent no float32 vector of the {n} masked values"
-        if result.grad_ips is not None and len(result.grad_ips) != plan.steps:
-            return f"sent {len(result.grad_ips)} GradIPs for {plan.steps} steps"
-        if not finite(result.losses) or not bool(torch.isfinite(values).all()):
-            return "non-finite loss or value"
+        if not (isinstance(values, torch.Tensor) and values.dtype == torch.float32 and values.shape == (n,)
+                and values.layout == torch.strided and values.device.type == "cpu"):
+            got = (f"{values.dtype} {tuple(values.shape)} on {values.device}" if isinstance(values, torch.Tensor)
+                   else f"a {type(values).__name__}")
+            return f"values: {got}, not the float32 CPU vector of the {n} masked values"
+        bad = torch.nonzero(~torch.isfinite(values))
+        if len(bad):
+            return f"non-finite values[{int(bad[0])}]"
+        if vp:
+            return numbers_problem("grad_ips", result.grad_ips, plan.steps)
+        if result.grad_ips is not None:
+            return "grad_ips: sent, but Meerkat-vp is off (vp.enabled=false)"
         return ""
 
     def aggregate(self, server, round_: int, paths, results: dict, probe: bool):

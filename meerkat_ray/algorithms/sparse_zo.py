@@ -13,7 +13,7 @@ no optimizer state), the fp32 master values theta and two z's of n floats.
 from __future__ import annotations
 
 from ..messages import SyncMessage
-from .base import Algorithm, LocalOutcome, finite, register
+from .base import Algorithm, LocalOutcome, numbers_problem, register
 
 
 @register("sparse_zo")
@@ -38,18 +38,19 @@ class SparseZO(Algorithm):
             draws.close()
         return LocalOutcome(scalars=scalars, losses=losses)
 
-    def check_upload(self, plan, result, n: int, clip: float) -> str:
-        """With `clip` > 0 (zo.clip) honest clients never send |scalar| > clip, so a larger one is refused."""
-        if len(result.scalars) != plan.steps or len(result.losses) != plan.steps:
-            return f"sent {len(result.scalars)} scalars for {plan.steps} steps"
-        try:
-            [float(v) for v in list(result.scalars) + list(result.losses)]
-        except (TypeError, ValueError):
-            return "non-numeric scalar or loss"
-        if not finite(list(result.scalars) + list(result.losses)):
-            return "non-finite scalar or loss"
-        if clip > 0 and any(abs(float(v)) > clip for v in result.scalars):
-            return f"scalar above zo.clip={clip:g}"
+    def check_upload(self, plan, result, n: int, clip: float, vp: bool = False) -> str:
+        """`plan.steps` finite scalars and losses, nothing else (no values, no GradIPs: the server
+        computes GradIP itself). With `clip` > 0 (zo.clip) honest clients never send |scalar| > clip,
+        so a larger one is refused."""
+        reason = numbers_problem("scalars", result.scalars, plan.steps) or \
+            numbers_problem("losses", result.losses, plan.steps)
+        if reason:
+            return reason
+        for field in ("values", "grad_ips"):
+            if getattr(result, field) is not None:
+                return f"{field}: sent, but {self.name} uploads none"
+        if clip > 0 and any(abs(v) > clip for v in result.scalars):
+            return f"scalars: above zo.clip={clip:g}"
         return ""
 
     def aggregate(self, server, round_: int, paths, results: dict, probe: bool):
