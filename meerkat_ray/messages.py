@@ -80,3 +80,10 @@ class SyncMessage:
             return WORD
         per_term = WORD if self.sharing == "round" else 2 * WORD  # round: seeds already known from the plan
         return WORD + per_term * len(self.terms)
+
+
+def measured_s(result) -> float:
+    """The compute time a result reports, where it is a usable number (diagnostics and deadlines
+    read it before the server has checked the result; a malformed one counts 0)."""
+    seconds = getattr(result, "compute_s", 0.0)
+    return float(seconds) if isinstance(seconds, (int, float)) and 0 <= seconds < float("inf") else 0.0

@@ -29,6 +29,7 @@ from .executors import make_executor
 from .experiment import DataSetup, prepare_data
 from .gradip import flag_quality
 from .mask import save_mask
+from .messages import measured_s
 from .models import cache_root
 from .runlog import RunWriter, load_theta, remove_owned_folder, save_theta, theta_digest, write_json
 
@@ -109,7 +110,7 @@ def federate(cfg: Config, server, executor, writer: RunWriter, theta: torch.Tens
         plans = server.plan_round(r)
         bar = tqdm(total=sum(p.steps for p in plans), desc=f"round {r}/{cfg.fed.rounds}", unit="step",
                    disable=not progress, leave=True, dynamic_ncols=True)
-        results = executor.run_clients(plans, on_result=lambda res: bar.update(len(res.losses)))
+        results = executor.run_clients(plans, on_result=lambda res: bar.update(steps_reported(res)))
         outcome = server.finish_planned(r, results)
         theta = executor.sync(outcome.sync, theta)  # every worker's and the driver's values after the round
         metrics = round_metrics(cfg, r, outcome.metrics, results, executor, extreme_clients, progress)
@@ -142,9 +143,16 @@ def round_metrics(cfg: Config, round_: int, server_metrics: dict, results, execu
             tqdm.write(decision_line(round_, metrics, extreme_clients))
     if round_ % cfg.fed.eval_every == 0 or round_ == cfg.fed.rounds:
         metrics["accuracy"], metrics["test_loss"] = executor.evaluate()
-    metrics["compute_s"] = round(sum(res.compute_s for res in results if res is not None), 3)
+    metrics["compute_s"] = round(sum(map(measured_s, results)), 3)
     metrics.update(executor.fault_counts())  # client actors lost and clients re-run this round
     return metrics
+
+
+def steps_reported(result) -> int:
+    """Steps a result says it ran, for the progress bar only (a malformed one counts none; the
+    server's checks decide what it is worth)."""
+    losses = getattr(result, "losses", None)
+    return len(losses) if isinstance(losses, (list, tuple)) else 0
 
 
 def decision_line(round_: int, metrics: dict, extreme_clients: list[int] | None) -> str:
@@ -154,6 +162,9 @@ def decision_line(round_: int, metrics: dict, extreme_clients: list[int] | None)
     if extreme_clients is not None:
         f = metrics["flagging"]
         line += f" (truly extreme {extreme_clients}: precision {_fmt(f['precision'])}, recall {_fmt(f['recall'])})"
+    left_out = metrics.get("vpcs_left_out_reasons") or {}
+    if left_out:
+        line += "\n  left out (no finite calibration trajectory): " + ", ".join(f"{k} ({why})" for k, why in left_out.items())
     return line + f"\n  per client rho_later/quiet: {rho}"
 
 
@@ -277,6 +288,7 @@ def make_summary(cfg: Config, data: DataSetup, mask_size: int, end: LoopEnd, met
         "extreme_clients": data.extreme_clients,
         "flagging": flag_quality(flagged, data.extreme_clients) if decided_round is not None else None,
         "vpcs": {str(k): dict(v) for k, v in vp["stats"].items()},
+        "vpcs_left_out": dict(vp.get("left_out") or {}),  # client -> why the decision could not judge it
         "train_wall_s": round(last["train_wall_s"], 2),
     }
 
@@ -293,6 +305,8 @@ def print_summary(s: dict, run_dir: Path) -> None:
     decided = s["vp_decided_round"]
     row("flagged clients (VPCS)", f"{s['flagged_clients']}  (decided after round {decided}, "
         f"{s['calibration_local_steps']:,} calibration steps)" if decided is not None else "not decided")
+    if s["vpcs_left_out"]:
+        row("left out of the decision", ", ".join(f"{k} ({why})" for k, why in s["vpcs_left_out"].items()))
     row("truly extreme clients", s["extreme_clients"])
     if s["flagging"]:
         f = s["flagging"]

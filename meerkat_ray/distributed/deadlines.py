@@ -64,3 +64,4 @@ class Deadlines:
         value = ray.get(ref)
         self.observe(kind, time.monotonic() - start)
         return value
+
