@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 
 from .errors import MeerkatError
 
+COMMIT_FIRST = "config.yaml"  # uploaded first: a stored folder cut short still says it is a run folder
 COMMIT_LAST = "checkpoint.safetensors"  # uploaded after the logs it points into
 ATTEMPT_FILE = ".attempt"  # at a stored run folder: the attempt that writes there now (RunStore.claim)
 
@@ -175,7 +176,8 @@ class RunStore:
     `claim()` marks the stored folder as this attempt's (`ATTEMPT_FILE`); `prepare()` runs once
     every check of a new run has passed, right before its folder is written: a stored run that
     --overwrite replaces is deleted then, never earlier, and claimed. `commit()` runs after every
-    checkpoint and uploads the files changed since the last call, the checkpoint last. Refused
+    checkpoint and uploads the files changed since the last call, config.yaml first and the
+    checkpoint last. Refused
     (MeerkatError): a local folder that is not there (the round it would have stored must not be
     reported, and checkpointed by Tune, as stored), and a stored folder another attempt has claimed
     since (an attempt that outlives its replacement, e.g. a trial of a stopped Ray job, stops
@@ -204,7 +206,7 @@ class RunStore:
             raise MeerkatError(f"{self.store.uri}: another attempt ({owner or 'none'}) has taken over this run folder "
                                f"since this one ({attempt_token()}) started; this attempt stops without writing there")
         files = sorted((p for p in self.local.rglob("*") if p.is_file() and not p.name.endswith(".tmp")),
-                       key=lambda p: p.name == COMMIT_LAST)
+                       key=lambda p: (p.name != COMMIT_FIRST, p.name == COMMIT_LAST))
         for path in files:
             stat = path.stat()
             rel = path.relative_to(self.local).as_posix()

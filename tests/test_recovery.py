@@ -300,6 +300,42 @@ def test_a_round_whose_upload_cannot_happen_is_an_error_before_it_is_reported(tm
     assert seen == []
 
 
+@pytest.mark.slow
+def test_a_stored_run_cut_short_in_its_first_upload_is_started_again_not_refused(tmp_path, monkeypatch):
+    """What a stopped Ray job left (measured on 6758c49: a trial killed while its first upload
+    pass had sent metrics, sparse_init, mask and path but not yet config.yaml): the trial, started
+    afresh by the resumed sweep (no Tune checkpoint), must replace that folder, while a folder
+    that is no run folder at all is still refused."""
+    from meerkat_ray.storage import Store, resolve, run_stored
+
+    monkeypatch.setenv("MEERKAT_RAY_SCRATCH", str(tmp_path / "scratch"))
+    uri = f"file://{tmp_path / 'store'}"
+    cfg = load_config(None, [*RUN, "fed.rounds=1", "ray.backend=local", f"output_dir={uri}", "name=cut"])
+    real_upload, sent = Store.upload_file, []
+
+    def killed_midway(self, local, rel):
+        if len(sent) == 2:
+            raise KeyboardInterrupt  # the attempt is stopped here
+        sent.append(rel)
+        real_upload(self, local, rel)
+    monkeypatch.setattr(Store, "upload_file", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run_stored(cfg, progress=False)
+    monkeypatch.setattr(Store, "upload_file", real_upload)
+    store = resolve(uri, "test").child("cut")
+    assert store.files() and not store.is_file("sparse_final.safetensors")
+    run_stored(cfg, overwrite=True, progress=False)  # what a trial restarted from scratch does
+    assert store.is_file("sparse_final.safetensors") and store.is_file("config.yaml")
+
+    foreign = tmp_path / "store" / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    cfg.name = "foreign"
+    with pytest.raises(MeerkatError, match="not a run folder"):
+        run_stored(cfg, overwrite=True, progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
 def calibration_too_long() -> list[str]:
     """Valid keys that only the data can refuse: 30 calibration steps of 4 read more than a client holds."""
     return ["vp.calib_steps=30"]
