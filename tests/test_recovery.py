@@ -23,14 +23,14 @@ from meerkat_ray.runlog import read_metrics
 from meerkat_ray.runner import run_experiment
 
 RUN = [*TINY_RUN, "data.num_train=96", "data.num_clients=4", "data.partition=mixed", "fed.local_steps=2",
-       "vp.calib_steps=2", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0"]
+       "vp.calib_steps=2", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0", "ray.backend=local"]
 CYCLE = [*RUN, "fed.rounds=6", "fed.eval_every=1"]  # one point of the round cycle per round
 RAY = ["ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5"]
 
 
 def local_twin(tmp_path: Path, overrides: list[str], name: str = "calm") -> Path:
     run_experiment(load_config(None, [*overrides, "ray.backend=local", f"name={name}", f"output_dir={tmp_path}"]),
-                   progress=False)
+                   progress=False)  # (overrides may name the Ray backend: local wins here)
     return tmp_path / name
 
 
@@ -310,7 +310,7 @@ def test_a_stored_run_cut_short_in_its_first_upload_is_started_again_not_refused
 
     monkeypatch.setenv("MEERKAT_RAY_SCRATCH", str(tmp_path / "scratch"))
     uri = f"file://{tmp_path / 'store'}"
-    cfg = load_config(None, [*RUN, "fed.rounds=1", "ray.backend=local", f"output_dir={uri}", "name=cut"])
+    cfg = load_config(None, [*RUN, "fed.rounds=1", f"output_dir={uri}", "name=cut"])
     real_upload, sent = Store.upload_file, []
 
     def killed_midway(self, local, rel):
@@ -373,7 +373,7 @@ def test_a_tune_checkpoint_newer_than_the_stored_run_folder_is_refused_with_a_re
     from meerkat_ray.distributed import tune as sweep_tune
 
     monkeypatch.setenv("MEERKAT_RAY_SCRATCH", str(tmp_path / "scratch"))
-    overrides = [*RUN, "fed.rounds=3", "ray.backend=local"]
+    overrides = [*RUN, "fed.rounds=3"]
     kept: dict = {}
 
     def on_round(round_, metrics, last, ckpt):
