@@ -187,21 +187,27 @@ def accuracy_vs_uplink(groups: dict[str, list[Run]]) -> Plot | None:
     if not stats:
         return None
     positive = [b for _, stat in stats.values() for b in stat["bytes"] if b > 0]
-    linthresh = float(10 ** math.floor(math.log10(min(positive)))) if positive else 1.0
+    # linear up to the decade below the first nonzero count: a narrow stretch that holds only 0
+    linthresh = float(10 ** (math.floor(math.log10(min(positive))) - 1)) if positive else 1.0
     fig, ax = plt.subplots(figsize=(8, 4.6), constrained_layout=True)
     plot = Plot(fig, "")
     for colour, (label, (runs, stat)) in zip(colours(len(stats)), stats.items()):
-        plot.plot(ax, "uplink", _label(label, runs), stat["bytes"], stat["mean"], "o-", color=colour, markersize=4,
+        plot.plot(ax, "uplink", _label(label, runs), stat["bytes"], stat["mean"], "o", color=colour, markersize=4,
                   meta={"rounds": [int(r) for r in stat["round"]]})
+        sent = (stat["bytes"] > 0).to_numpy()
+        ax.plot(stat["bytes"][sent], stat["mean"][sent], "-", color=colour)
+        if not sent.all() and sent.any():  # zero-shot to the first evaluation: across the change of scale
+            first = int(np.argmax(sent))
+            ax.plot(stat["bytes"].iloc[first - 1: first + 1], stat["mean"].iloc[first - 1: first + 1], ":", color=colour)
         _band(ax, stat["bytes"], stat, colour, runs)
         if len(stats) == 1:
             for r, b, a in zip(stat["round"], stat["bytes"], stat["mean"]):
                 ax.annotate("zero-shot" if r == 0 else f"r{int(r)}", (b, a), textcoords="offset points",
                             xytext=(4, 4), fontsize=8)
-    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.6)
-    ax.set_xlim(left=-0.3 * linthresh)
-    ax.axvspan(-0.3 * linthresh, linthresh, color="tab:gray", alpha=0.08, linewidth=0,
-               label=f"linear scale from 0 to {linthresh:,.0f} B, log above")
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
+    ax.set_xlim(left=-0.5 * linthresh)
+    ax.axvspan(-0.5 * linthresh, linthresh, color="tab:gray", alpha=0.12, linewidth=0,
+               label=f"x axis linear from 0 to {linthresh:,.0f} B (the zero-shot point), logarithmic above")
     plot.marks.update(xscale="symlog", linthresh=linthresh)
     ax.set(xlabel="cumulative uplink bytes (all clients)", ylabel="test accuracy", title="accuracy vs communication")
     ax.grid(alpha=0.3, which="both")
