@@ -215,8 +215,8 @@ def accuracy_vs_uplink(groups: dict[str, list[Run]]) -> Plot | None:
     all_runs = [r for runs, _ in stats.values() for r in runs]
     plot.caption = (f"Test accuracy of the global model on {examples_text(all_runs)} at every evaluation, "
                     f"{evaluated_rounds(all_runs)}, against the bytes all clients had uploaded up to that "
-                    f"round (scalars and losses), one line per method; the x axis is linear from 0 to "
-                    f"{linthresh:,.0f} B, so that the zero-shot point stands at 0, and logarithmic above.")
+                    f"round (scalars and losses){', one line per method' if len(stats) > 1 else ''}; the x axis is "
+                    f"linear from 0 to {linthresh:,.0f} B, so that the zero-shot point stands at 0, and logarithmic above.")
     return plot
 
 

@@ -6,6 +6,7 @@ draws each round as its own segment; every figure has a caption that says what i
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,18 @@ def test_evaluating_every_round_leaves_training_bit_identical(demo, tmp_path):
     evaluated = [m["round"] for m in records(other)[0] if m.get("accuracy") is not None]
     assert evaluated == [0, cfg.fed.rounds]
     assert_same_run(demo, other, ignore=("accuracy", "test_loss"))
+
+
+def test_a_run_without_per_client_losses_gets_one_loss_line_that_says_so(demo, tmp_path):
+    """Run folders written before client_train_loss was recorded: the round's mean over all steps,
+    labelled as such (never a split that the file cannot support)."""
+    old = tmp_path / "old"
+    shutil.copytree(demo, old, ignore=shutil.ignore_patterns("analysis"))
+    rows = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    (old / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in m.items() if k != "client_train_loss"})
+                                               + "\n" for m in rows))
+    plot = analyze(old, tmp_path / "out").plots["curves.png"]
+    (line,) = plot.on("train_loss")
+    assert line.meta["clients"] is None and "all steps of all clients" in line.label
+    assert line.y == pytest.approx([m["train_loss"] for m in rows[1:]])
+    assert line.label in plot.caption
