@@ -1,33 +1,23 @@
 """The figures of a report, one function each, drawn with matplotlib's Agg backend (no display).
 
-Every function takes data already read from run folders and returns a Figure, or None when the
-runs hold nothing to draw (no evaluated round, no GradIP, no decided early-stopping policy).
+Every figure function takes data already read from run folders and returns a `Plot` (the figure,
+its caption and the series it drew), or None when the runs hold nothing to draw (no evaluated
+round, no decided early-stopping policy). The GradIP figure is `gradip_plot.grad_ip`.
 """
 from __future__ import annotations
 
 import math
-import textwrap
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")  # before pyplot: files only, never a window
+from .plots import Plot, colours, counted, legend_below, plt, ranges
+from .runs import Run
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from .runs import Run  # noqa: E402
-
-EXTREME_COLOUR, IID_COLOUR = "tab:red", "tab:blue"
-MAX_CLIENTS_DRAWN = 40
+__all__ = ["accuracy_vs_uplink", "confusion", "curves", "heatmap", "plt"]
 MAX_CONFUSION_PANELS = 16
-
-
-def colours(n: int) -> list:
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(n)]
+CALIBRATION_COLOUR = "tab:gray"
 
 
 def group_stat(runs: list[Run], column: str, evaluated_only: bool) -> pd.DataFrame:
@@ -44,183 +34,195 @@ def group_stat(runs: list[Run], column: str, evaluated_only: bool) -> pd.DataFra
     return stat.reset_index()
 
 
-def _legend(fig: plt.Figure, ax) -> None:
-    """One legend below the plots (labels can be long: method + the keys that vary); the figure
-    grows with the number of lines."""
-    handles, labels = ax.get_legend_handles_labels()
-    ncol = 1 if len(labels) <= 4 else (2 if len(labels) <= 12 else 3)
-    labels = [textwrap.fill(label, 150 // ncol) for label in labels]
-    lines = sum(max(label.count("\n") + 1 for label in labels[i:i + ncol]) for i in range(0, len(labels), ncol))
-    width, height = fig.get_size_inches()
-    fig.set_size_inches(width, height + 0.2 * lines + 0.3)
-    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
-
-
 def _label(label: str, runs: list[Run]) -> str:
     return f"{label} [{len(runs)} seeds]" if len(runs) > 1 else label
 
 
-def curves(groups: dict[str, list[Run]]) -> plt.Figure | None:
-    """Accuracy (evaluated rounds) and train loss vs round, one line per group (mean, min-max band)."""
+def _band(ax, x, stat: pd.DataFrame, colour, runs: list[Run]) -> None:
+    if len(runs) > 1:
+        ax.fill_between(x, stat["min"], stat["max"], color=colour, alpha=0.15, linewidth=0)
+
+
+def examples_text(runs: list[Run]) -> str:
+    """"300 held-out examples" (or the range over the runs)."""
+    sizes = sorted({n for n in (r.num_test for r in runs) if n})
+    if not sizes:
+        return "the held-out test examples"
+    return f"{sizes[0]:,} held-out examples" if len(sizes) == 1 else f"{sizes[0]:,}-{sizes[-1]:,} held-out examples"
+
+
+def evaluated_rounds(runs: list[Run]) -> str:
+    """"round 0 (zero-shot) and after rounds 1-4", or the rounds each run evaluated."""
+    sets = {tuple(int(r) for r in run.evaluated["round"]) for run in runs}
+    if len(sets) != 1:
+        return "each run's evaluated rounds (round 0 = zero-shot)"
+    later = [r for r in next(iter(sets)) if r > 0]
+    return "round 0 (zero-shot)" + (f" and after {counted('round', later)}" if later else "")
+
+
+# ----------------------------------------------------------------------------- train loss lines
+
+def loss_lines(runs: list[Run], split: bool) -> list[dict]:
+    """The train-loss lines of one group of runs: {label, clients, stat (round, mean, min, max)}.
+
+    Each client's loss in a round is the mean over its own local steps (metrics.jsonl's
+    client_train_loss), so a client counts once whatever its number of steps. `split`: one line for
+    the clients never flagged and one for the flagged ones (whose steps drop to 1 after the
+    decision); otherwise one line over all clients. Runs written before per-client losses were
+    recorded give the round's mean over all steps of all clients."""
+    per_line: dict[str, list[pd.DataFrame]] = {}
+    members: dict[str, list[list[int]]] = {}
+    for run in runs:
+        losses = run.client_losses()
+        if losses is None or losses.empty:
+            frame = run.metrics[run.metrics["round"] > 0][["round", "train_loss"]].dropna()
+            per_line.setdefault("all steps of all clients", []).append(frame)
+            continue
+        clients = sorted(losses["client"].unique())
+        flagged = set(run.flagged_clients) if run.decided_round is not None else set()
+        sets = {"never flagged": [k for k in clients if k not in flagged], "flagged": sorted(flagged)} \
+            if split and flagged else {"all": clients}
+        for name, ks in sets.items():
+            if ks:
+                rows = losses[losses["client"].isin(ks)]
+                per_line.setdefault(name, []).append(rows.groupby("round", as_index=False)["train_loss"].mean())
+                members.setdefault(name, []).append([int(k) for k in ks])
+    lines = []
+    for name, frames in per_line.items():
+        data = pd.concat([f.assign(run=i) for i, f in enumerate(frames)])
+        stat = data.groupby("round").agg(mean=("train_loss", "mean"), min=("train_loss", "min"),
+                                         max=("train_loss", "max")).reset_index()
+        clients = members.get(name)
+        lines.append({"name": name, "clients": clients[0] if clients and len(frames) == 1 else None,
+                      "stat": stat, "label": _loss_label(name, clients, runs)})
+    return lines
+
+
+def _loss_label(name: str, clients: list[list[int]] | None, runs: list[Run]) -> str:
+    if clients is None:
+        return "mean over all steps of all clients (run without per-client losses)"
+    if len(clients) > 1:
+        return {"never flagged": "clients never flagged (in each seed)",
+                "flagged": "flagged clients (in each seed)"}.get(name, "all clients")
+    ids = counted("client", clients[0])
+    decided = runs[0].decided_round
+    if name == "never flagged":
+        return f"{ids} (never flagged)"
+    if name == "flagged":
+        return f"{ids} (flagged after round {decided}: 1 local step a round from then on)"
+    return ids
+
+
+def _loss_caption(lines: list[dict], single: bool) -> str:
+    if not single:
+        return ("one line per method: the mean over all of a run's clients of each client's mean loss over "
+                "its own local steps (every client counts once, whatever its number of steps)")
+    return "each client's mean loss over its own local steps, averaged over " + \
+        " and, as a second line, over ".join(line["label"] for line in lines)
+
+
+# ----------------------------------------------------------------------------- accuracy and loss
+
+def _shade_calibration(axes, run: Run) -> list[int]:
+    """Shade the rounds that recorded VPCS calibration steps; the last axes' span carries the legend label."""
+    rounds = run.calibration_rounds
+    for ax in axes:
+        for i, r in enumerate(rounds):
+            ax.axvspan(r - 0.5, r + 0.5, color=CALIBRATION_COLOUR, alpha=0.12, linewidth=0,
+                       label=f"VPCS calibration ({counted('round', rounds)})" if ax is axes[-1] and i == 0 else None)
+    return rounds
+
+
+def curves(groups: dict[str, list[Run]]) -> Plot | None:
+    """Accuracy at every evaluated round (round 0 = zero-shot) and train loss vs round: one line per
+    group, and for a single setting the never-flagged and the flagged clients apart."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.4), constrained_layout=True)
-    drawn = 0
+    plot = Plot(fig, "")
+    single = len(groups) == 1
+    all_runs, drawn_lines = [r for runs in groups.values() for r in runs], []
     for colour, (label, runs) in zip(colours(len(groups)), groups.items()):
         acc = group_stat(runs, "accuracy", evaluated_only=True)
-        loss = group_stat(runs, "train_loss", evaluated_only=False)
-        if acc.empty and loss.empty:
-            continue
-        drawn += 1
-        for ax, stat, style in ((acc_ax, acc, "o-"), (loss_ax, loss, ".-")):
+        if not acc.empty:
+            plot.plot(acc_ax, "accuracy", _label(label, runs), acc["round"], acc["mean"], "o-", color=colour,
+                      markersize=4, meta={"rounds": [int(r) for r in acc["round"]]})
+            _band(acc_ax, acc["round"], acc, colour, runs)
+        lines = loss_lines(runs, split=single)
+        styles = ["-", "--", ":"]
+        for style, line in zip(styles, lines):
+            stat = line["stat"]
             if stat.empty:
                 continue
-            ax.plot(stat["round"], stat["mean"], style, color=colour, label=_label(label, runs), markersize=4)
-            if len(runs) > 1:
-                ax.fill_between(stat["round"], stat["min"], stat["max"], color=colour, alpha=0.15, linewidth=0)
-    if not drawn:
+            name = line["label"] if single else _label(label, runs)
+            plot.plot(loss_ax, "train_loss", name, stat["round"], stat["mean"], "." + style,
+                      color=colour if not single else ("tab:blue", "tab:red", "tab:gray")[len(drawn_lines) % 3],
+                      markersize=5, meta={"clients": line["clients"], "line": line["name"]})
+            _band(loss_ax, stat["round"], stat, colour, runs)
+            drawn_lines.append(line)
+    if not plot.series:
         plt.close(fig)
         return None
+    calibration = _shade_calibration((acc_ax, loss_ax), all_runs[0]) if len(all_runs) == 1 else []
+    plot.marks["calibration_rounds"] = calibration
     acc_ax.set(xlabel="round", ylabel="test accuracy", title="accuracy vs round (round 0 = zero-shot)")
-    loss_ax.set(xlabel="round", ylabel="train loss (mean over the round's steps)", title="train loss vs round")
+    loss_ax.set(xlabel="round", ylabel="train loss (client's mean over its steps)", title="train loss vs round")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    _legend(fig, max((acc_ax, loss_ax), key=lambda ax: len(ax.get_legend_handles_labels()[1])))
-    return fig
+    legend_below(fig, max((acc_ax, loss_ax), key=lambda ax: len(ax.get_legend_handles_labels()[1])))
+    plot.caption = (f"Left: test accuracy of the global model on {examples_text(all_runs)} at "
+                    f"{evaluated_rounds(all_runs)}; right: the train loss of rounds "
+                    f"{ranges(sorted({int(r) for s in plot.on('train_loss') for r in s.x}))}, "
+                    f"{_loss_caption(drawn_lines, single)}"
+                    + (f"; shaded: the VPCS calibration ({counted('round', calibration)})" if calibration else "")
+                    + ".")
+    return plot
 
 
-def accuracy_vs_uplink(groups: dict[str, list[Run]]) -> plt.Figure | None:
-    """Accuracy vs cumulative uplink bytes (log scale), one line per group: the communication /
-    accuracy trade-off. Round 0 (zero-shot, 0 bytes) cannot sit on a log axis and is left out."""
+def accuracy_vs_uplink(groups: dict[str, list[Run]]) -> Plot | None:
+    """Accuracy at every evaluation vs cumulative uplink bytes, one line per group: the
+    communication / accuracy trade-off. The x axis is symmetric-log, linear below the smallest
+    nonzero byte count's decade, so the zero-shot point (0 bytes) keeps its place at 0."""
+    stats = {label: (runs, group_stat(runs, "accuracy", evaluated_only=True)) for label, runs in groups.items()}
+    stats = {label: v for label, v in stats.items() if not v[1].empty}
+    if not stats:
+        return None
+    positive = [b for _, stat in stats.values() for b in stat["bytes"] if b > 0]
+    # linear up to the decade below the first nonzero count: a narrow stretch that holds only 0
+    linthresh = float(10 ** (math.floor(math.log10(min(positive))) - 1)) if positive else 1.0
     fig, ax = plt.subplots(figsize=(8, 4.6), constrained_layout=True)
-    drawn = 0
-    for colour, (label, runs) in zip(colours(len(groups)), groups.items()):
-        stat = group_stat(runs, "accuracy", evaluated_only=True)
-        stat = stat[stat["bytes"] > 0]
-        if stat.empty:
-            continue
-        drawn += 1
-        ax.plot(stat["bytes"], stat["mean"], "o-", color=colour, label=_label(label, runs), markersize=4)
-        if len(runs) > 1:
-            ax.fill_between(stat["bytes"], stat["min"], stat["max"], color=colour, alpha=0.15, linewidth=0)
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xscale("log")
-    ax.set(xlabel="cumulative uplink bytes (all clients)", ylabel="test accuracy",
-           title="accuracy vs communication")
+    plot = Plot(fig, "")
+    for colour, (label, (runs, stat)) in zip(colours(len(stats)), stats.items()):
+        plot.plot(ax, "uplink", _label(label, runs), stat["bytes"], stat["mean"], "o", color=colour, markersize=4,
+                  meta={"rounds": [int(r) for r in stat["round"]]})
+        sent = (stat["bytes"] > 0).to_numpy()
+        ax.plot(stat["bytes"][sent], stat["mean"][sent], "-", color=colour)
+        if not sent.all() and sent.any():  # zero-shot to the first evaluation: across the change of scale
+            first = int(np.argmax(sent))
+            ax.plot(stat["bytes"].iloc[first - 1: first + 1], stat["mean"].iloc[first - 1: first + 1], ":", color=colour)
+        _band(ax, stat["bytes"], stat, colour, runs)
+        if len(stats) == 1:
+            for r, b, a in zip(stat["round"], stat["bytes"], stat["mean"]):
+                ax.annotate("zero-shot" if r == 0 else f"r{int(r)}", (b, a), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
+    ax.set_xlim(left=-0.5 * linthresh)
+    ax.axvspan(-0.5 * linthresh, linthresh, color="tab:gray", alpha=0.12, linewidth=0,
+               label=f"x axis linear from 0 to {linthresh:,.0f} B (the zero-shot point), logarithmic above")
+    plot.marks.update(xscale="symlog", linthresh=linthresh)
+    ax.set(xlabel="cumulative uplink bytes (all clients)", ylabel="test accuracy", title="accuracy vs communication")
     ax.grid(alpha=0.3, which="both")
-    _legend(fig, ax)
-    return fig
+    legend_below(fig, ax)
+    all_runs = [r for runs, _ in stats.values() for r in runs]
+    plot.caption = (f"Test accuracy of the global model on {examples_text(all_runs)} at every evaluation, "
+                    f"{evaluated_rounds(all_runs)}, against the bytes all clients had uploaded up to that "
+                    f"round (scalars and losses){', one line per method' if len(stats) > 1 else ''}; the x axis is "
+                    f"linear from 0 to {linthresh:,.0f} B, so that the zero-shot point stands at 0, and logarithmic above.")
+    return plot
 
 
-# ----------------------------------------------------------------------------- GradIP and VPCS
-
-def phase_lengths(steps: int, early_fraction: float, late_fraction: float) -> tuple[int, int]:
-    """The early / late phases of the VPCS calibration window (the same rule as the server's)."""
-    early = max(1, round(early_fraction * steps))
-    late = max(1, min(steps - early, round(late_fraction * steps)))
-    return early, late
-
-
-def client_trajectories(path: pd.DataFrame) -> dict[int, np.ndarray]:
-    """client -> its GradIP over its own local steps (rounds in order, steps in order)."""
-    rows = path.dropna(subset=["grad_ip"]).sort_values(["client", "round", "step"])
-    return {int(k): g["grad_ip"].to_numpy(dtype=float) for k, g in rows.groupby("client")}
-
-
-def decision_steps(path: pd.DataFrame, decided_round: int) -> dict[int, int]:
-    """client -> how many local steps it had run when the policy decided (end of `decided_round`)."""
-    done = path[path["round"] <= decided_round]
-    return {int(k): int(v) for k, v in done.groupby("client").size().items()}
-
-
-def rolling_abs(values: np.ndarray, window: int) -> np.ndarray:
-    return pd.Series(np.abs(values)).rolling(window, min_periods=1).mean().to_numpy()
-
-
-def quiet_threshold(run: Run) -> float | None:
-    """sigma x the population reference: the median over clients of their late-phase |GradIP|
-    statistic (vp.reference=late), or of their early-phase one (early; runs older than the key)."""
-    stats = (run.summary or {}).get("vpcs") or {}
-    phase = run.get("vp.reference", "early")
-    values = [s.get(phase, s.get(f"{phase}_mean")) for s in stats.values() if isinstance(s, dict)]  # *_mean: older runs
-    values = [v for v in values if v is not None]
-    sigma = run.get("vp.sigma")
-    if not values or sigma is None:
-        return None
-    return float(sigma) * float(np.median(values))
-
-
-def grad_ip(run: Run, title: str) -> plt.Figure | None:
-    """GradIP per client over its local steps; extreme clients red, others blue; the calibration
-    window's early / late phases shaded; the decision marked, with an X on each flagged client."""
-    if not run.has_grad_ip:
-        return None
-    traj = client_trajectories(run.path)
-    extreme = run.extreme_clients
-    flagged = set(run.flagged_clients)
-    shown = sorted(traj, key=lambda k: (extreme is not None and k not in extreme, k))[:MAX_CLIENTS_DRAWN]
-    longest = max(len(v) for v in traj.values())
-    window = max(1, min(10, longest // 10))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True, constrained_layout=True)
-    for k in sorted(shown):
-        values = traj[k]
-        steps = np.arange(1, len(values) + 1)
-        is_extreme = extreme is not None and k in extreme
-        colour = EXTREME_COLOUR if is_extreme else (IID_COLOUR if extreme is not None else "tab:gray")
-        top.plot(steps, values, color=colour, linewidth=0.7, alpha=0.6)
-        bottom.plot(steps, rolling_abs(values, window), color=colour, linewidth=1.2, alpha=0.8)
-    typical = float(np.nanmedian(np.abs(np.concatenate(list(traj.values())))))
-    top.set_yscale("symlog", linthresh=10.0 ** round(math.log10(typical)) if typical > 0 else 1.0)
-    bottom.set_yscale("log")
-    calib = run.get("vp.calib_steps")
-    enabled = bool(run.get("vp.enabled"))
-    handles = [Line2D([], [], color=EXTREME_COLOUR, label="truly extreme client"),
-               Line2D([], [], color=IID_COLOUR, label="other client")] if extreme is not None else \
-              [Line2D([], [], color="tab:gray", label="client (extreme ones unknown)")]
-    if enabled and calib:
-        early, late = phase_lengths(int(calib), float(run.get("vp.early_fraction", 0.2)),
-                                    float(run.get("vp.late_fraction", 0.5)))
-        calibration = run.get("vp.calibration", "rounds")  # runs before vp.calibration existed spread it over rounds
-        for ax in (top, bottom):
-            ax.axvspan(0.5, calib + 0.5, color="tab:gray", alpha=0.06)
-            ax.axvspan(0.5, early + 0.5, color="tab:green", alpha=0.08)
-            ax.axvspan(calib - late + 0.5, calib + 0.5, color="tab:orange", alpha=0.08)
-        what = {"first_round": "round 1, aggregated", "probe": "round 1, update discarded",
-                "rounds": "spread over rounds"}.get(calibration, calibration)
-        handles += [Patch(color="tab:gray", alpha=0.2, label=f"VPCS calibration ({calib} steps, {what})"),
-                    Patch(color="tab:green", alpha=0.25, label="VPCS early phase"),
-                    Patch(color="tab:orange", alpha=0.25, label="VPCS late phase")]
-        threshold = quiet_threshold(run)
-        if threshold:
-            bottom.axhline(threshold, color="black", linestyle=":", linewidth=1)
-            handles.append(Line2D([], [], color="black", linestyle=":", label="quiet below σ × population reference"))
-    decided = run.decided_round
-    if decided is not None:
-        at = decision_steps(run.path, decided)
-        for ax in (top, bottom):
-            ax.axvline(max(at.values(), default=0) + 0.5, color="black", linestyle="--", linewidth=1)
-        handles.append(Line2D([], [], color="black", linestyle="--", label=f"decision (end of round {decided})"))
-        for k in sorted(flagged & set(shown)):
-            step = at.get(k)
-            if step:
-                value = rolling_abs(traj[k], window)[step - 1]
-                bottom.plot([step], [value], marker="X", markersize=11, color="black", linestyle="none")
-        if flagged:
-            handles.append(Line2D([], [], marker="X", color="black", linestyle="none", markersize=9,
-                                  label=f"flagged: {', '.join(map(str, sorted(flagged)))}"))
-    top.set(ylabel="GradIP (symlog)", title=title)
-    bottom.set(xlabel="local step of the client", ylabel=f"|GradIP|, running mean of {window}")
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-    top.legend(handles=handles, fontsize=8, loc="upper right", frameon=False)
-    if len(shown) < len(traj):
-        bottom.text(0.01, 0.02, f"{len(shown)} of {len(traj)} clients drawn", transform=bottom.transAxes, fontsize=8)
-    return fig
-
-
-def confusion(rows: list[dict]) -> plt.Figure | None:
-    """Flagged vs truly extreme clients: one 2 x 2 table per row (label, tp, fp, fn, tn, precision, recall)."""
+def confusion(rows: list[dict]) -> Plot | None:
+    """Flagged vs truly extreme clients: one 2 x 2 table per row (label, runs, tp, fp, fn, tn, precision,
+    recall), the counts summed over the seeds of a line."""
     rows = rows[:MAX_CONFUSION_PANELS]
     if not rows:
         return None
@@ -239,7 +241,19 @@ def confusion(rows: list[dict]) -> plt.Figure | None:
         ax.set_yticks([0, 1], ["extreme", "not extreme"])
         p, r = row["precision"], row["recall"]
         ax.set_title(f"{row['label']}\nprecision {_fmt(p)}, recall {_fmt(r)}", fontsize=8)
-    return fig
+    runs = sum(int(row.get("runs", 1)) for row in rows)
+    single = rows[0] if len(rows) == 1 and runs == 1 else None
+    who = (f" (flagged: {_ids(single.get('flagged'))}; truly extreme: {_ids(single.get('extreme'))})"
+           if single else "")
+    what = "of this run" if single else f"for {len(rows)} line(s) ({runs} runs)"
+    caption = (f"The early-stopping decision {what} against the partition's truly extreme clients{who}: clients flagged or not (columns) vs truly extreme or not (rows)"
+               + ("." if single else ", counts summed over the seeds of a line."))
+    return Plot(fig, caption, marks={"tables": [{k: row[k] for k in ("label", "tp", "fp", "fn", "tn")} for row in rows]})
+
+
+def _ids(text) -> str:
+    """"3 4" (a results-table cell) -> "clients 3, 4"."""
+    return counted("client", [int(v) for v in str(text or "").split()])
 
 
 def _fmt(value) -> str:

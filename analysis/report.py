@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures, search
+from . import figures, gradip_plot, search
 from .html import Figure, embed, page, table
 from .methods import SHORT_NAMES, group_runs, method_label, varying_keys
+from .plots import Plot
 from .runs import AnalysisError, Collection, load
 from .tables import flagging_rows, results_table
 
@@ -28,6 +29,7 @@ PREFERRED_PAIRS = [("mask.density", "fed.local_steps"), ("vp.sigma", "vp.rho")] 
 class Report:
     html: Path
     figures: list[Path] = field(default_factory=list)
+    plots: dict[str, Plot] = field(default_factory=dict)  # PNG file name -> what it shows (caption, series, marks)
 
 
 def analyze(folder: str | Path, out: str | Path | None = None) -> Report:
@@ -44,7 +46,7 @@ def analyze(folder: str | Path, out: str | Path | None = None) -> Report:
     sections = builder.build()
     title = f"meerkat-ray analysis of {collection.root.name or collection.root}"
     _write_text(out / REPORT, page(title, sections))
-    return Report(out / REPORT, [out / f.file for f in builder.figures])
+    return Report(out / REPORT, [out / f.file for f in builder.figures], builder.plots)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -75,11 +77,17 @@ class _Builder:
         if collection.kind == "runs":  # where in the folder (a sweep's trials all sit in runs/)
             self.table["run"] = [str(r.dir.relative_to(collection.root)) for r in collection.runs]
         self.figures: list[Figure] = []
+        self.plots: dict[str, Plot] = {}
 
-    def save(self, fig, file: str, title: str, caption: str) -> str:
-        """Write the figure's PNG and return its HTML (empty when there was nothing to draw)."""
-        if fig is None:
+    def save(self, drawn, file: str, title: str, caption: str = "") -> str:
+        """Write the figure's PNG and return its HTML (empty when there was nothing to draw).
+        `drawn`: a Plot (its own caption first, then `caption`) or a bare matplotlib Figure."""
+        if drawn is None:
             return ""
+        fig = drawn.fig if isinstance(drawn, Plot) else drawn
+        if isinstance(drawn, Plot):
+            self.plots[file] = drawn
+            caption = f"{drawn.caption} {caption}".strip()
         fig.savefig(self.out / file, dpi=110)
         figures.plt.close(fig)
         self.figures.append(Figure(file, title, caption))
@@ -126,14 +134,10 @@ class _Builder:
 
     def curves(self) -> str:
         many = any(len(v) > 1 for v in self.groups.values())
-        band = " Lines are means over the runs that differ only in seed; bands span their min and max." if many else ""
-        return (self.save(figures.curves(self.groups), "curves.png", "Accuracy and train loss vs round",
-                          "Test accuracy at evaluated rounds (round 0 is the zero-shot model) and the mean train "
-                          "loss of each round's local steps." + band)
+        band = "Lines are means over the runs that differ only in seed; bands span their min and max." if many else ""
+        return (self.save(figures.curves(self.groups), "curves.png", "Accuracy and train loss vs round", band)
                 + self.save(figures.accuracy_vs_uplink(self.groups), "accuracy_vs_uplink.png",
-                            "Accuracy vs cumulative uplink bytes",
-                            "The communication / accuracy trade-off: one line per method, bytes on a log scale "
-                            "(every client's uploaded scalars and losses, summed up to that round)." + band))
+                            "Accuracy vs cumulative uplink bytes", band))
 
     def grad_ip(self) -> str:
         runs = [(i, r) for i, r in enumerate(self.c.runs) if r.has_grad_ip]
@@ -142,13 +146,11 @@ class _Builder:
             file = "gradip.png" if self.c.kind == "run" else f"gradip_{i:02d}_{_safe(run.name)}.png"
             label = self.table.loc[i, "label"]
             title = f"GradIP per client: {run.name}" + ("" if self.c.kind == "run" else f" — {label}")
-            parts.append(self.save(figures.grad_ip(run, title), file, title,
-                                   "GradIP = scalar × ⟨g_pre, z⟩ for every replayed local step of every client "
-                                   "(top, symmetric log scale) and its running mean of |GradIP| (bottom, log "
-                                   "scale). Red: truly extreme (single-label) clients; blue: the others. Shaded: "
-                                   "the VPCS calibration window (grey) with its early (green) and late (orange) "
-                                   "phases; dashed: the decision; X: flagged clients, early-stopped to 1 local "
-                                   "step per round from then on."))
+            parts.append(self.save(gradip_plot.grad_ip(run, title), file, title,
+                                   "Red: truly extreme (single-label) clients; blue: the others. Shaded: the VPCS "
+                                   "calibration window (grey) with its early (green) and late (orange) phases; "
+                                   "dashed: the decision; X: flagged clients, early-stopped to 1 local step per "
+                                   "round from then on."))
             parts.append(self.vpcs_table(run))
         if len(runs) > MAX_GRADIP_RUNS:
             parts.append(f"<p>{len(runs) - MAX_GRADIP_RUNS} more runs with GradIP are not drawn.</p>")
@@ -177,9 +179,7 @@ class _Builder:
         if not rows:
             return ""
         fig = self.save(figures.confusion(rows), "vpcs_confusion.png", "Flagged vs truly extreme clients",
-                        "Confusion tables of the early-stopping decision (VPCS, or random stopping for "
-                        "vp.policy=random) against the partition's truly extreme clients; counts summed over "
-                        "the seeds of a line.")
+                        "Early stopping is VPCS, or random stopping for vp.policy=random.")
         frame = pd.DataFrame(rows)[["label", "runs", "flagged", "extreme", "tp", "fp", "fn", "tn", "precision",
                                     "recall"]]
         return fig + table(frame)

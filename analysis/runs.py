@@ -102,6 +102,33 @@ class Run:
         return None
 
     @property
+    def num_test(self) -> int | None:
+        """Test examples every evaluation scores (summary.json; the config's data.num_test while going)."""
+        if self.summary and self.summary.get("num_test") is not None:
+            return int(self.summary["num_test"])
+        value = self.get("data.num_test")
+        return int(value) if value else None
+
+    @property
+    def calibration_rounds(self) -> list[int]:
+        """The rounds that recorded VPCS calibration steps (metrics.jsonl's `calibration`)."""
+        if "calibration" not in self.metrics:
+            return []
+        flags = self.metrics["calibration"].astype(object).where(self.metrics["calibration"].notna(), False)
+        return [int(r) for r, c in zip(self.metrics["round"], flags) if bool(c) and r > 0]
+
+    def client_losses(self) -> pd.DataFrame | None:
+        """round, client, train_loss: each client's mean loss over its own local steps of the round
+        (metrics.jsonl's `client_train_loss`; None for runs written before it was recorded)."""
+        if "client_train_loss" not in self.metrics:
+            return None
+        rows = [(int(r), int(k), v) for r, losses in zip(self.metrics["round"], self.metrics["client_train_loss"])
+                if isinstance(losses, dict) for k, v in losses.items()]
+        frame = pd.DataFrame(rows, columns=["round", "client", "train_loss"])
+        frame["train_loss"] = pd.to_numeric(frame["train_loss"], errors="coerce")
+        return frame
+
+    @property
     def has_grad_ip(self) -> bool:
         return self.path is not None and len(self.path) > 0 and bool(self.path["grad_ip"].notna().any())
 

@@ -45,7 +45,7 @@ class DataConfig:
     extreme_fraction: float = 0.34  # mixed: fraction of single-label clients (6 clients -> 2)
     batch_size: int = 8            # examples per forward pass (both forwards of a ZO step share it)
     max_length: int = 48           # prompt tokens kept (left-truncated: the end of the prompt matters)
-    eval_batch_size: int = 64      # examples per forward pass during evaluation
+    eval_batch_size: int = 16      # examples per forward pass during evaluation (test set sorted by length: less padding)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class FedConfig:
     local_steps: int = 8           # T: local ZO steps per client per round
     first_round_steps: int = 0     # local steps of round 1; 0 = T (at least vp.calib_steps when Meerkat-vp calibrates in round 1)
     seed_sharing: str = "round"    # round: one seed list per round for all clients | client: seeds per client
-    eval_every: int = 4            # evaluate the global model every E rounds (and always after the last)
+    eval_every: int = 2            # evaluate the global model every E rounds (and always after the last); training is the same whatever E
     aggregation: str = "mean"      # mean (FedAvg) | median | trimmed_mean: per shared seed, over the clients' scalars
     trim_fraction: float = 0.1     # trimmed_mean: fraction of the lowest and of the highest scalars dropped per seed
     clients_per_round: int = 0     # clients sampled uniformly per round (seeded by run seed and round); 0 = all

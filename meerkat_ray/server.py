@@ -192,6 +192,9 @@ class Server:
         metrics = {
             "round": round_,
             "train_loss": float(np.mean(losses)) if losses else None,
+            # per client: the mean loss of its own steps (clients run different step counts once some are flagged)
+            "client_train_loss": {str(p.client): float(np.mean(answers[p.client].losses))
+                                  for p in accepted if answers[p.client].losses},
             "uplink_bytes": up,
             "downlink_bytes": down,
             "flagged_clients": list(self.vp.flagged),
