@@ -198,7 +198,11 @@ def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_f
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage.tune_storage(sweep, folder)[0],
                                   storage_filesystem=storage.tune_storage(sweep, folder)[1], verbose=1 if progress else 0,
                                   callbacks=list(callbacks) or None,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  # every round's checkpoint kept: Tune prunes old ones as soon as a new one is
+                                  # registered, but the experiment state at storage is synced later, so a sweep
+                                  # stopped in between resumes from a checkpoint it had deleted (seen: the trial
+                                  # then failed on every retry, "does not exist on storage anymore")
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                                   # a failed trial restarts from its latest checkpoint (run_trial resumes it)
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures)),
     )
