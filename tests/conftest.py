@@ -170,3 +170,13 @@ def assert_same_run(a, b, ignore=()) -> None:
     assert read_path(a).equals(read_path(b))
     drop = lambda rows: [{k: v for k, v in m.items() if k not in ignore} for m in rows]  # noqa: E731
     assert drop(timeless(a)) == drop(timeless(b))
+
+
+def run_folder(base: list[str], output_dir, name: str, *extra: str) -> Path:
+    """Run the federation of `base` + `extra` (in process) into output_dir/name; its run folder."""
+    from meerkat_ray.config import load_config
+    from meerkat_ray.runner import run_experiment
+
+    cfg = load_config(None, [*base, *extra, f"name={name}", f"output_dir={output_dir}"])
+    run_experiment(cfg, progress=False)
+    return Path(output_dir) / name

@@ -12,12 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import FLAG_ALL  # VPCS flags every client
+from conftest import FLAG_ALL, run_folder  # FLAG_ALL: VPCS flags every client
 
 from meerkat_ray.cli import main
-from meerkat_ray.config import load_config
 from meerkat_ray.runlog import read_path
-from meerkat_ray.runner import run_experiment
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +33,7 @@ GRID = {"fed.local_steps": [1, 2], "vp.sigma": [0.5, 1e6]}  # the tiny sweep: 2 
 
 
 def tiny_run(output_dir: Path, name: str, *extra: str) -> Path:
-    cfg = load_config(None, [*TINY, *extra, f"name={name}", f"output_dir={output_dir}"])
-    run_experiment(cfg, progress=False)
-    return output_dir / name
+    return run_folder(TINY, output_dir, name, *extra)
 
 
 @pytest.fixture(scope="module")

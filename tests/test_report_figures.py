@@ -10,11 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FLAG_ALL, assert_same_run
+from conftest import FLAG_ALL, assert_same_run, run_folder
 
 from analysis import analyze
 from meerkat_ray.config import load_config
-from meerkat_ray.runner import run_experiment
 
 pytestmark = pytest.mark.slow
 T, CALIB = 3, 6
@@ -26,9 +25,7 @@ DEMO_SHAPED = [  # everything else is the embedded default's: 6 clients (2 singl
 
 
 def demo_run(output_dir: Path, name: str, *extra: str) -> Path:
-    cfg = load_config(None, [*DEMO_SHAPED, *extra, f"name={name}", f"output_dir={output_dir}"])
-    run_experiment(cfg, progress=False)
-    return output_dir / name
+    return run_folder(DEMO_SHAPED, output_dir, name, *extra)
 
 
 @pytest.fixture(scope="module")
