@@ -177,11 +177,10 @@ class RunStore:
     every check of a new run has passed, right before its folder is written: a stored run that
     --overwrite replaces is deleted then, never earlier, and claimed. `commit()` runs after every
     checkpoint and uploads the files changed since the last call, config.yaml first and the
-    checkpoint last. Refused
-    (MeerkatError): a local folder that is not there (the round it would have stored must not be
-    reported, and checkpointed by Tune, as stored), and a stored folder another attempt has claimed
-    since (an attempt that outlives its replacement, e.g. a trial of a stopped Ray job, stops
-    instead of overwriting the replacement's files)."""
+    checkpoint last. Refused (MeerkatError): a local folder that is not there (the round it would
+    have stored must not be reported, and checkpointed by Tune, as stored), and a stored folder
+    another attempt has claimed since (an attempt that outlives its replacement, e.g. a trial of a
+    stopped Ray job, stops instead of overwriting the replacement's files)."""
 
     def __init__(self, local: Path, store: Store, replaces: bool = False):
         self.local, self.store, self.replaces, self.sent = local, store, replaces, {}
