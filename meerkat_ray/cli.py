@@ -76,7 +76,9 @@ def cmd_run(args) -> int:
         if args.overwrite:
             raise ConfigError("run: --resume and --overwrite exclude each other")
         from .checkpoint import open_resume
-        from .storage import is_uri, open_resume_uri, run_stored
+        from .runner import run_stored
+        from .storage import open_resume_uri
+        from .uris import is_uri
 
         # every file checked before a model or cluster starts (a stored run is downloaded first)
         cfg, checkpoint = open_resume_uri(args.resume) if is_uri(args.resume) else open_resume(args.resume)
@@ -86,7 +88,7 @@ def cmd_run(args) -> int:
         return 0
     path, overrides = split_items(args.items)
     cfg = load_config(path, overrides)
-    from .storage import run_stored
+    from .runner import run_stored
     from .tracking import run_tracked
 
     run_tracked(cfg, run_stored, overwrite=args.overwrite, progress=not args.quiet)
@@ -126,7 +128,8 @@ def cmd_tune(args) -> int:
 def cmd_analyze(args) -> int:
     from analysis import AnalysisError, analyze  # reads run folders only: no torch, no Ray
 
-    from .storage import is_uri, local_copy, resolve, uri_join
+    from .storage import local_copy, resolve
+    from .uris import is_uri, uri_join
 
     # a folder at a URI is read from a temporary local copy (Tune's own files are not needed);
     # without --out the report goes back to DIR/analysis there

@@ -14,7 +14,8 @@ import torch
 
 from .algorithms import make_algorithm
 from .messages import ClientPlan, ClientResult, SyncMessage
-from .path import apply_sync_, derive_seed
+from .seeds import derive_seed
+from .terms import apply_sync_
 from .runlog import theta_digest
 from .zo import Batch, MaskedView, accuracy_and_loss, batch_scores, collate
 

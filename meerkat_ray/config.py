@@ -16,11 +16,12 @@ from typing import Any
 
 import yaml
 
-from .algorithms.lora_zo import LoRAConfig
 from .config_checks import CHOICES, MLFLOW_URI, PATH_KEYS, RANGES, _short, get_key, validate
 from .errors import ConfigError
+from .schedule import round_steps
+from .uris import is_uri, scratch_dir
 
-__all__ = ["CHOICES", "MLFLOW_URI", "PATH_KEYS", "RANGES", "get_key", "validate"]  # re-exported: their home is config_checks
+__all__ = ["CHOICES", "MLFLOW_URI", "PATH_KEYS", "RANGES", "get_key", "round_steps", "validate"]  # re-exported: their homes are config_checks and schedule
 
 
 @dataclass
@@ -98,6 +99,13 @@ class VPConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 8                  # lora_zo: adapter rank r
+    alpha: float = 16.0            # lora_zo: the adapter's update is scaled by alpha / r
+    targets: str = "q_proj,v_proj"  # lora_zo: comma-separated names of the linear modules that get adapters
+
+
+@dataclass
 class RayConfig:
     backend: str = "ray"           # ray (client actors + a server actor) | local (sequential, in this process)
     num_actors: int = 2            # client actors (each loads the model once, serves many clients)
@@ -143,9 +151,7 @@ class Config:
     def run_dir(self) -> Path:
         """Where this process writes the run folder: under output_dir, or (output_dir a storage URI)
         in this node's scratch folder of this attempt, uploaded to the URI (meerkat_ray.storage)."""
-        if "://" in self.output_dir:
-            from .storage import scratch_dir
-
+        if is_uri(self.output_dir):
             return scratch_dir(self.output_dir, self.name, attempt=True)
         return Path(self.output_dir) / self.name
 
@@ -204,14 +210,9 @@ def _build(cls, data: Any, prefix: str):
 
 
 
-def round_steps(cfg: Config, round_: int) -> int:
-    """Local steps a (not early-stopped) client runs in round `round_` (rounds count from 1)."""
-    if round_ == 1:
-        if cfg.fed.first_round_steps:
-            return cfg.fed.first_round_steps
-        if cfg.vp.enabled and cfg.vp.calibration != "rounds":  # at least calib_steps uninterrupted steps
-            return max(cfg.vp.calib_steps, cfg.fed.local_steps)
-    return cfg.fed.local_steps
+def target_names(lora: LoRAConfig) -> list[str]:
+    """lora.targets as a list of module names."""
+    return [name.strip() for name in lora.targets.split(",") if name.strip()]
 
 
 def from_dict(data: dict | None) -> Config:

@@ -7,16 +7,17 @@ all, and each registered variant's own `check`.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from .algorithms import ALGORITHMS
+from .choices import ALGORITHMS
 from .errors import ConfigError
 from .executors import EXECUTORS
-from .gradip import check_calibration
 from .mask_kinds import MASK_SCORES
 from .partition import PARTITIONS
 from .strategies.aggregation import AGGREGATIONS
+from .schedule import round_steps
 from .strategies.policies import POLICIES
 
 if TYPE_CHECKING:
@@ -133,8 +134,9 @@ def validate(cfg: Config) -> Config:
             re.compile(cfg.mask.eligible)
         except re.error as exc:
             raise ConfigError(f"mask.eligible: not a regular expression ({exc})") from None
-    for variant in [*AGGREGATIONS.values(), *POLICIES.values(), *ALGORITHMS.values()]:
+    for variant in [*AGGREGATIONS.values(), *POLICIES.values()]:
         variant.check(cfg)
+    check_algorithm(cfg)
     check_calibration(cfg)
     if cfg.ray.chaos_kill_prob > 0 and cfg.ray.backend != "ray":
         raise ConfigError("ray.chaos_kill_prob: kills client actors, so it needs ray.backend=ray")
@@ -142,3 +144,34 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"tracking.mlflow_uri: not an MLflow tracking URI (sqlite:///FILE, http://HOST:PORT, "
                           f"file:FOLDER or a folder), got {_short(cfg.tracking.mlflow_uri)}")
     return cfg
+
+
+def check_algorithm(cfg: Config) -> None:
+    """What a client algorithm (`fed.algorithm`, algorithms/) needs of the rest of the config."""
+    fed = cfg.fed
+    if fed.algorithm == "first_order":
+        if fed.aggregation != "mean":
+            raise ConfigError(f"fed.aggregation: {fed.aggregation} combines ZO scalars per seed; "
+                              "fed.algorithm=first_order averages the masked values (use fed.aggregation=mean)")
+        if cfg.zo.clip > 0:
+            raise ConfigError("zo.clip: clips ZO scalars, and fed.algorithm=first_order sends none (set zo.clip=0)")
+    if fed.algorithm == "lora_zo" and not [n for n in cfg.lora.targets.split(",") if n.strip()]:
+        raise ConfigError("lora.targets: names no module (comma-separated module names, e.g. q_proj,v_proj)")
+
+
+def check_calibration(cfg: Config) -> None:
+    """Meerkat-vp must be able to decide, and early enough to matter (never a silent no-op)."""
+    vp, fed = cfg.vp, cfg.fed
+    if not vp.enabled:
+        return
+    if vp.calibration == "rounds":
+        needed = math.ceil(max(0, vp.calib_steps - round_steps(cfg, 1)) / fed.local_steps) + 1
+        if needed > fed.rounds:
+            raise ConfigError(f"vp.calib_steps: {vp.calib_steps} calibration steps spread over rounds of "
+                              f"{fed.local_steps} need {needed} rounds, the run has fed.rounds={fed.rounds}")
+        return
+    if fed.first_round_steps and fed.first_round_steps < vp.calib_steps:
+        raise ConfigError(f"fed.first_round_steps: {fed.first_round_steps} is shorter than the {vp.calib_steps} "
+                          f"calibration steps vp.calibration={vp.calibration} takes in round 1")
+    if vp.calibration == "probe" and fed.rounds < 2:
+        raise ConfigError("fed.rounds: vp.calibration=probe discards round 1, so the run needs at least 2 rounds")

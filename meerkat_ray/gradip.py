@@ -30,16 +30,14 @@ a global model the others pull back), so by default the calibration is round 1, 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import Config, VPConfig
+    from .config import VPConfig
 
 
 @dataclass
@@ -80,96 +78,6 @@ STATISTICS = {"mean": lambda a: float(np.mean(a)), "median": lambda a: float(np.
 
 def gradip_flags(stats: dict[int, VPCSStats], cfg: VPConfig) -> list[int]:
     return sorted(k for k, s in stats.items() if s.rho_later > cfg.rho and s.quiet_fraction > cfg.min_quiet_fraction)
-
-
-class VPState:
-    """Collects |GradIP| per client until every client has `calib_steps`, then computes the VPCS
-    statistics once; the early-stop policies read them and set `flagged` (the run's stopped set)."""
-
-    def __init__(self, cfg: VPConfig, num_clients: int, seed: int):
-        self.cfg = cfg
-        self.trajectories: dict[int, list[float]] = {k: [] for k in range(num_clients)}
-        self.flagged: list[int] = []
-        self.stats: dict[int, VPCSStats] = {}
-        self.left_out: dict[int, str] = {}  # client -> why the decision left it out
-        self.decided_round: int | None = None
-        self.rng = np.random.default_rng([seed, 7])
-
-    @property
-    def decided(self) -> bool:
-        return self.decided_round is not None
-
-    def record(self, client: int, grad_ips: list[float]) -> None:
-        """Keep a client's first `calib_steps` GradIP values while the decision is open: nothing
-        more is ever read, and keeping every step (VPCS off, or steps past the window) grew the
-        server by K x T values per round for the whole run."""
-        trajectory = self.trajectories[client]
-        if self.cfg.enabled and not self.decided:
-            trajectory.extend(grad_ips[: max(0, self.cfg.calib_steps - len(trajectory))])
-
-    def maybe_decide(self, round_: int, planned_steps: int) -> bool:
-        """Decide after the first round by which every client could have run `calib_steps` steps
-        (`planned_steps`: the local steps of rounds 1..round_ for a client that was not stopped).
-
-        Clients with a short or non-finite trajectory then are left out (`left_out`, the reason)."""
-        if self.decided or not self.cfg.enabled:
-            return False
-        steps = self.cfg.calib_steps
-        if planned_steps < steps:
-            return False
-        full = {k: np.asarray(v[:steps], dtype=np.float64) for k, v in self.trajectories.items() if len(v) >= steps}
-        if not full:
-            return False
-        left_out = {k: f"{len(v)} of {steps} calibration GradIPs (results refused, or not sampled)"
-                    for k, v in self.trajectories.items() if len(v) < steps}
-        for k, a in full.items():
-            bad = np.flatnonzero(~np.isfinite(a))
-            if bad.size:
-                left_out[k] = f"non-finite GradIP at calibration step {int(bad[0])}: {a[bad[0]]}"
-        self.left_out = dict(sorted(left_out.items()))
-        self.stats = vpcs_statistics({k: a for k, a in full.items() if k not in left_out}, self.cfg)
-        self.decided_round = round_
-        return True
-
-    def state_dict(self) -> dict:
-        """JSON-able state for a checkpoint (a decision reads only the first calib_steps of each trajectory)."""
-        steps = self.cfg.calib_steps
-        return {
-            "trajectories": {str(k): [float(v) for v in t[:steps]] for k, t in self.trajectories.items()},
-            "flagged": list(self.flagged),
-            "stats": {str(k): vars(s) for k, s in self.stats.items()},
-            "left_out": {str(k): reason for k, reason in self.left_out.items()},
-            "decided_round": self.decided_round,
-            "rng": self.rng.bit_generator.state,
-        }
-
-    def load_state(self, vp: dict) -> None:
-        self.trajectories = {int(k): list(t) for k, t in vp["trajectories"].items()}
-        self.flagged = list(vp["flagged"])
-        self.stats = {int(k): VPCSStats(**s) for k, s in vp["stats"].items()}
-        self.left_out = {int(k): reason for k, reason in vp.get("left_out", {}).items()}  # none in older checkpoints
-        self.decided_round = vp["decided_round"]
-        self.rng.bit_generator.state = vp["rng"]
-
-
-def check_calibration(cfg: Config) -> None:
-    """Meerkat-vp must be able to decide, and early enough to matter (never a silent no-op)."""
-    from .config import round_steps
-
-    vp, fed = cfg.vp, cfg.fed
-    if not vp.enabled:
-        return
-    if vp.calibration == "rounds":
-        needed = math.ceil(max(0, vp.calib_steps - round_steps(cfg, 1)) / fed.local_steps) + 1
-        if needed > fed.rounds:
-            raise ConfigError(f"vp.calib_steps: {vp.calib_steps} calibration steps spread over rounds of "
-                              f"{fed.local_steps} need {needed} rounds, the run has fed.rounds={fed.rounds}")
-        return
-    if fed.first_round_steps and fed.first_round_steps < vp.calib_steps:
-        raise ConfigError(f"fed.first_round_steps: {fed.first_round_steps} is shorter than the {vp.calib_steps} "
-                          f"calibration steps vp.calibration={vp.calibration} takes in round 1")
-    if vp.calibration == "probe" and fed.rounds < 2:
-        raise ConfigError("fed.rounds: vp.calibration=probe discards round 1, so the run needs at least 2 rounds")
 
 
 def flag_quality(flagged: list[int], extreme: list[int]) -> dict:

@@ -31,6 +31,8 @@ from .gradip import flag_quality
 from .mask import save_mask
 from .messages import measured_s
 from .models import cache_root
+from .storage import ATTEMPT_FILE, RunStore, resolve
+from .uris import is_uri, remove_dead_attempts
 from .runlog import RunWriter, load_theta, remove_owned_folder, save_theta, theta_digest, write_json
 
 
@@ -312,3 +314,45 @@ def print_summary(s: dict, run_dir: Path) -> None:
         f = s["flagging"]
         row("flagging precision / recall", f"{_fmt(f['precision'])} / {_fmt(f['recall'])}")
     row("wall time", f"{s['total_wall_s']:.1f} s")
+
+
+# ----------------------------------------------------------------------------- stored runs
+
+def run_stored(cfg, overwrite: bool = False, progress: bool = True, on_round=None, resume=None) -> dict:
+    """`runner.run_experiment`, with the run folder uploaded to `output_dir` when that is a URI
+    (after every checkpoint, before `on_round` sees the round, and at the end; `RunStore`)."""
+    if not is_uri(cfg.output_dir):
+        return run_experiment(cfg, overwrite=overwrite, progress=progress, on_round=on_round, resume=resume)
+    store = resolve(cfg.output_dir, "output_dir").child(cfg.name)
+    local = cfg.run_dir
+    remove_dead_attempts(cfg.output_dir)
+    replaces = False
+    if resume is None:
+        if store.exists():
+            if not overwrite:
+                raise MeerkatError(f"{store.uri}: {EXISTS}")
+            if not (store.is_file("config.yaml") or store.is_file(ATTEMPT_FILE)):  # (an attempt stopped early)
+                raise MeerkatError(f"{store.uri}: not a run folder (no config.yaml); refusing to replace it")
+            replaces = True
+        shutil.rmtree(local, ignore_errors=True)  # this process's leftovers of an earlier run of the name
+    stored = RunStore(local, store, replaces)
+    if resume is not None:
+        stored.claim()  # from here on, an earlier attempt still running cannot write there
+    try:
+        summary = run_experiment(cfg, overwrite=True, progress=progress, on_round=on_round, resume=resume,
+                                 store=stored)
+        stored.commit()
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    if progress:
+        print(f"run folder uploaded to {store.uri}")
+    return summary
+
+
+def fetch_run_dir(cfg) -> None:
+    """A run stored at a URI: replace this node's local run folder with the stored one (if any)."""
+    if is_uri(cfg.output_dir):
+        store = resolve(cfg.output_dir, "output_dir").child(cfg.name)
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        if store.exists():
+            store.download(cfg.run_dir)

@@ -18,12 +18,11 @@ from .algorithms import make_algorithm
 from .algorithms.base import short
 from .algorithms.first_order import NO_SEED
 from .config import Config, round_steps
-from .gradip import VPState
 from .messages import ClientPlan, ClientResult, SyncMessage
-from .path import ClientPath, step_seeds
 from .runlog import theta_digest
-from .strategies.aggregation import make_rule
-from .strategies.policies import RoundView, active_policies
+from .seeds import step_seeds
+from .strategies.aggregation import ClientPath
+from .strategies.strategy import ServerStrategy
 
 
 @dataclass
@@ -40,9 +39,7 @@ class Server:
         self.g_pre = g_pre.double() if g_pre is not None else None
         self.sizes = np.asarray(client_sizes, dtype=np.int64)
         self.cursors = np.zeros(len(client_sizes), dtype=np.int64)
-        self.vp = VPState(cfg.vp, len(client_sizes), cfg.seed)
-        self.policies = active_policies(cfg, self.vp.rng)
-        self.rule = make_rule(cfg.fed.aggregation, **vars(cfg.fed))
+        self.strategy = ServerStrategy(cfg, len(client_sizes))
         self.algorithm = make_algorithm(cfg.fed.algorithm)
         self.uplink_bytes = 0
         self.downlink_bytes = 0
@@ -54,7 +51,7 @@ class Server:
         itself): JSON-able counters, data cursors and VPCS state; also what the summary reads."""
         return {"cursors": self.cursors.tolist(), "uplink_bytes": self.uplink_bytes,
                 "downlink_bytes": self.downlink_bytes, "local_steps": self.local_steps,
-                "vp": self.vp.state_dict()}
+                "vp": self.strategy.state_dict()}
 
     def theta_digest(self) -> str:
         return theta_digest(self.theta)
@@ -64,28 +61,29 @@ class Server:
         self.cursors = np.asarray(state["cursors"], dtype=np.int64)
         self.uplink_bytes, self.downlink_bytes = state["uplink_bytes"], state["downlink_bytes"]
         self.local_steps = state["local_steps"]
-        self.vp.load_state(state["vp"])
+        self.strategy.load_state(state["vp"])
 
     @property
     def num_clients(self) -> int:
         return len(self.sizes)
 
+    @property
+    def vp(self):
+        """The VPCS state (flagged clients, statistics) the strategy keeps."""
+        return self.strategy.vp
+
     def steps_for(self, client: int, round_: int) -> int:
-        return 1 if client in self.vp.flagged else round_steps(self.cfg, round_)
+        return self.strategy.steps_for(client, round_)
 
     def is_probe(self, round_: int) -> bool:
-        """Round 1 under vp.calibration=probe: run and replayed for VPCS, its update discarded."""
-        vp = self.cfg.vp
-        return round_ == 1 and vp.enabled and vp.calibration == "probe"
+        return self.strategy.is_probe(round_)
 
     def plan_round(self, round_: int) -> list[ClientPlan]:
         """Plans for round `round_` (rounds count from 1; 0 is the zero-shot evaluation)."""
         fed = self.cfg.fed
         uses_seeds = self.algorithm.uses_seeds  # first-order plans carry no seeds
         lr = self.cfg.zo.lr if uses_seeds or not fed.fo_lr else fed.fo_lr
-        clients = list(range(self.num_clients))
-        for policy in self.policies:
-            clients = policy.participants(round_, clients)
+        clients = self.strategy.participants(round_)
         plans = []
         for k in clients:
             steps = self.steps_for(k, round_)
@@ -106,9 +104,7 @@ class Server:
         return self.finish_round(round_, plans, results)
 
     def in_calibration(self, round_: int) -> bool:
-        """Whether round `round_` recorded calibration steps for VPCS."""
-        vp = self.vp
-        return bool(self.cfg.vp.enabled and (vp.decided_round is None or round_ <= vp.decided_round))
+        return self.strategy.in_calibration(round_)
 
     @staticmethod
     def check_result(plan: ClientPlan, result: ClientResult | None, clip: float = 0.0, algorithm=None,
@@ -140,18 +136,13 @@ class Server:
         rows = []
         for path in paths:
             grad_ips = grad_ips_of[path.client]
-            self.vp.record(path.client, grad_ips)
             rows += [(round_, path.client, t, s, g, path.lr, path.weight, gi)
                      for t, (s, g, gi) in enumerate(zip(path.seeds, path.scalars, grad_ips))]
         for plan in plans:  # data consumed is consumed, accepted or not
             self.cursors[plan.client] += plan.steps * self.cfg.data.batch_size
-        decided_now = self.vp.maybe_decide(round_, sum(round_steps(self.cfg, r) for r in range(1, round_ + 1)))
-        view = RoundView(round_, [p.client for p in plans], {p.client: list(by_client[p.client].losses) for p in accepted},
-                         grad_ips_of, self.vp.stats if decided_now else {}, list(self.vp.flagged))
-        for policy in self.policies:
-            flagged = policy.early_stop(view)
-            if flagged is not None:
-                self.vp.flagged = view.flagged = flagged
+        decided_now = self.strategy.end_round(round_, [p.client for p in plans],
+                                              {p.client: list(by_client[p.client].losses) for p in accepted},
+                                              {path.client: grad_ips_of[path.client] for path in paths})
         metrics = self._account(round_, plans, accepted, rejected, answers, sync, decided_now)
         frame = pd.DataFrame(rows, columns=["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"])
         frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64"})

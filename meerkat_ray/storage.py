@@ -22,8 +22,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 import secrets
 import shutil
 import tempfile
@@ -32,29 +30,11 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from .errors import MeerkatError
+from .uris import attempt_token, is_uri, uri_join, uri_name, uri_parent
 
 COMMIT_FIRST = "config.yaml"  # uploaded first: a stored folder cut short still says it is a run folder
 COMMIT_LAST = "checkpoint.safetensors"  # uploaded after the logs it points into
 ATTEMPT_FILE = ".attempt"  # at a stored run folder: the attempt that writes there now (RunStore.claim)
-
-
-def is_uri(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
-def uri_join(uri: str, *names: str) -> str:
-    """`s3://b/p?x=1` + `a`, `b` -> `s3://b/p/a/b?x=1` (query options stay at the end)."""
-    base, sep, query = str(uri).partition("?")
-    return "/".join([base.rstrip("/"), *names]) + (f"?{query}" if sep else "")
-
-
-def uri_name(uri: str) -> str:
-    return uri.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
-
-
-def uri_parent(uri: str) -> str:
-    base, sep, query = uri.partition("?")
-    return base.rstrip("/").rsplit("/", 1)[0] + (f"?{query}" if sep else "")
 
 
 class Store:
@@ -126,48 +106,6 @@ def resolve(uri: str, key: str) -> Store:
     return Store(fs, path, uri)
 
 
-_attempt: dict[int, str] = {}  # pid -> this process's attempt token (a forked child gets its own)
-
-
-def attempt_token() -> str:
-    """`<pid>-<random>`: names the scratch folders of the runs this process makes."""
-    pid = os.getpid()
-    return _attempt.setdefault(pid, f"{pid}-{secrets.token_hex(4)}")
-
-
-def remove_dead_attempts(uri: str) -> None:
-    """Remove this node's scratch folders of runs under `uri` whose attempt's process is gone (a
-    killed attempt cannot clean up after itself; its replacement does, on the same node)."""
-    folder = scratch_dir(uri, "x").parent
-    for old in folder.glob("attempt-*"):
-        pid = old.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def scratch_dir(uri: str, name: str, attempt: bool = False) -> Path:
-    """This node's local folder for `name` stored under `uri`; `attempt`: one of this process's own
-    (a run: an attempt that is being stopped and the one replacing it never share a folder)."""
-    root = Path(os.environ.get("MEERKAT_RAY_SCRATCH") or Path(tempfile.gettempdir()) / "meerkat-ray-scratch")
-    folder = root / hashlib.sha1(uri.encode()).hexdigest()[:12]
-    return folder / f"attempt-{attempt_token()}" / name if attempt else folder / name
-
-
-def run_location(cfg) -> str:
-    """Where a run folder lives for good: its URI, or its path."""
-    return uri_join(cfg.output_dir, cfg.name) if is_uri(cfg.output_dir) else str(cfg.run_dir)
-
-
 # ----------------------------------------------------------------------------- runs
 
 class RunStore:
@@ -215,48 +153,6 @@ class RunStore:
                 self.sent[rel] = version
 
 
-def run_stored(cfg, overwrite: bool = False, progress: bool = True, on_round=None, resume=None) -> dict:
-    """`runner.run_experiment`, with the run folder uploaded to `output_dir` when that is a URI
-    (after every checkpoint, before `on_round` sees the round, and at the end; `RunStore`)."""
-    from .runner import EXISTS, run_experiment
-
-    if not is_uri(cfg.output_dir):
-        return run_experiment(cfg, overwrite=overwrite, progress=progress, on_round=on_round, resume=resume)
-    store = resolve(cfg.output_dir, "output_dir").child(cfg.name)
-    local = cfg.run_dir
-    remove_dead_attempts(cfg.output_dir)
-    replaces = False
-    if resume is None:
-        if store.exists():
-            if not overwrite:
-                raise MeerkatError(f"{store.uri}: {EXISTS}")
-            if not (store.is_file("config.yaml") or store.is_file(ATTEMPT_FILE)):  # (an attempt stopped early)
-                raise MeerkatError(f"{store.uri}: not a run folder (no config.yaml); refusing to replace it")
-            replaces = True
-        shutil.rmtree(local, ignore_errors=True)  # this process's leftovers of an earlier run of the name
-    stored = RunStore(local, store, replaces)
-    if resume is not None:
-        stored.claim()  # from here on, an earlier attempt still running cannot write there
-    try:
-        summary = run_experiment(cfg, overwrite=True, progress=progress, on_round=on_round, resume=resume,
-                                 store=stored)
-        stored.commit()
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-    if progress:
-        print(f"run folder uploaded to {store.uri}")
-    return summary
-
-
-def fetch_run_dir(cfg) -> None:
-    """A run stored at a URI: replace this node's local run folder with the stored one (if any)."""
-    if is_uri(cfg.output_dir):
-        store = resolve(cfg.output_dir, "output_dir").child(cfg.name)
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-        if store.exists():
-            store.download(cfg.run_dir)
-
-
 def open_resume_uri(uri: str):
     """`run --resume URI`: the stored run folder downloaded to this node's scratch, checked as a
     local one (checkpoint.open_resume); the config keeps the URI as its output_dir."""
@@ -286,55 +182,6 @@ def local_copy(path: str, skip: tuple[str, ...] = ()):
         raise MeerkatError(f"{path}: no such folder")
     with tempfile.TemporaryDirectory(prefix="meerkat-ray-") as tmp:
         yield store.download(Path(tmp) / uri_name(path), skip=skip)
-
-
-# ----------------------------------------------------------------------------- sweeps
-
-def sweep_store(sweep) -> Store | None:
-    """The sweep folder at its URI (None: tune.output_dir is a local folder)."""
-    if not is_uri(sweep.tune.output_dir):
-        return None
-    return resolve(sweep.tune.output_dir, "tune.output_dir").child(sweep.tune.name)
-
-
-def stage_sweep(sweep, folder: Path, resume: bool, overwrite: bool) -> None:
-    """A sweep stored at a URI: the overwrite guard applied to the URI, and the local staging
-    folder (`sweep.folder`) emptied; on resume it gets the stored sweep.yaml."""
-    store = sweep_store(sweep)
-    if store is None:
-        return
-    shutil.rmtree(folder, ignore_errors=True)
-    if resume:
-        if not store.is_file("sweep.yaml"):
-            raise MeerkatError(f"{store.uri}: no interrupted sweep to resume there")
-        folder.mkdir(parents=True)
-        (folder / "sweep.yaml").write_bytes(store.read_bytes("sweep.yaml"))
-    elif store.exists():
-        if not overwrite:
-            raise MeerkatError(f"{store.uri}: sweep folder already exists (--resume continues it, --overwrite "
-                               "replaces it)")
-        if not store.is_file("sweep.yaml"):
-            raise MeerkatError(f"{store.uri}: not a sweep folder (no sweep.yaml); refusing to replace it")
-        store.delete()
-
-
-def publish(sweep, folder: Path, *names: str) -> None:
-    """Upload files the driver wrote in the staging folder to the sweep's URI."""
-    store = sweep_store(sweep)
-    for name in names if store is not None else ():
-        store.upload_file(folder / name, name)
-
-
-def tune_storage(sweep, folder: Path) -> tuple[str, pafs.FileSystem | None]:
-    """Ray Tune's storage_path and storage_filesystem for the sweep folder."""
-    store = sweep_store(sweep)
-    return (str(folder), None) if store is None else (store.path, store.fs)
-
-
-def runs_location(sweep, folder: Path) -> str:
-    """The output_dir the trials' run folders go to."""
-    store = sweep_store(sweep)
-    return str(folder / "runs") if store is None else uri_join(store.uri, "runs")
 
 
 def read_run_file(run_dir: str, name: str) -> bytes | None:

@@ -36,6 +36,7 @@ from typing import Any
 
 from .config import Config, _build, _field_types, from_dict, get_key, parse_override, read_yaml, set_dotted
 from .errors import ConfigError
+from .uris import is_uri, scratch_dir
 
 SECTIONS = ("base", "grid", "space", "tune")
 METRICS = ("accuracy", "best_accuracy", "test_loss", "train_loss")  # reported every round
@@ -89,10 +90,8 @@ class Sweep:
 
     @property
     def folder(self) -> Path:
-        """The sweep folder; for a tune.output_dir URI the driver's local staging copy (meerkat_ray.storage)."""
-        if "://" in self.tune.output_dir:
-            from .storage import scratch_dir
-
+        """The sweep folder; for a tune.output_dir URI the driver's local staging copy (meerkat_ray.staging)."""
+        if is_uri(self.tune.output_dir):
             return scratch_dir(self.tune.output_dir, self.tune.name)
         return Path(self.tune.output_dir).expanduser().resolve() / self.tune.name
 

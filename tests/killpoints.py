@@ -31,7 +31,8 @@ POINTS = ("atomic-path", "atomic-checkpoint", "after-metrics", "after-checkpoint
 
 
 def install(point: str, round_: int, marker: Path) -> None:
-    from meerkat_ray import checkpoint, client, gradip, runlog
+    from meerkat_ray import checkpoint, client, runlog
+    from meerkat_ray.strategies import strategy
 
     def die(seen: str) -> None:
         marker.write_text(f"{point} {seen}\n")
@@ -97,7 +98,7 @@ def install(point: str, round_: int, marker: Path) -> None:
 
         client.ClientWorker.batch_scores = batch_scores
     elif point == "decision":
-        real_decide = gradip.VPState.maybe_decide
+        real_decide = strategy.VPState.maybe_decide
 
         def maybe_decide(self, r, *args, **kwargs):
             decided = real_decide(self, r, *args, **kwargs)
@@ -105,7 +106,7 @@ def install(point: str, round_: int, marker: Path) -> None:
                 die(f"round {r} decided, flagged {self.flagged}")
             return decided
 
-        gradip.VPState.maybe_decide = maybe_decide
+        strategy.VPState.maybe_decide = maybe_decide
     else:
         raise SystemExit(f"unknown kill point {point!r} (one of {', '.join(POINTS)})")
 

@@ -19,7 +19,7 @@ from meerkat_ray.client import ClientData, ClientWorker
 from meerkat_ray.config import load_config
 from meerkat_ray.errors import ConfigError, MeerkatError
 from meerkat_ray.messages import ClientPlan, ClientResult, LOSS_BYTES, VALUE_BYTES, WORD
-from meerkat_ray.path import replay_path, replay_run
+from meerkat_ray.replay import replay_path, replay_run
 from meerkat_ray.runlog import load_theta, read_metrics, read_path
 from meerkat_ray.runner import run_experiment
 from meerkat_ray.server import Server

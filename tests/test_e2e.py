@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from meerkat_ray.config import from_dict
 from meerkat_ray.mask import check_mask, load_mask
-from meerkat_ray.path import replay_path
+from meerkat_ray.replay import replay_path
 from meerkat_ray.runlog import read_metrics, read_path
 from meerkat_ray.zo import MaskedView
 

@@ -28,7 +28,7 @@ for name in sys.argv[1].split(","):
     importlib.import_module(name)
 import torch
 from meerkat_ray.cli import main
-from meerkat_ray.path import replay_run
+from meerkat_ray.replay import replay_run
 from meerkat_ray.runlog import load_theta
 run = sys.argv[3] + "/core"
 codes = [main(["run", *sys.argv[2].split(","), "ray.backend=local", "name=core", "output_dir=" + sys.argv[3], "--quiet"]),

@@ -130,7 +130,7 @@ def test_unplaceable_replacements_a_client_is_left_out_the_server_stops_the_run_
     `run --resume` the error prints names the URI, and pasted as it is, it completes the run."""
     from meerkat_ray.cli import main
     from meerkat_ray.errors import MeerkatError
-    from meerkat_ray.storage import run_stored
+    from meerkat_ray.runner import run_stored
     from meerkat_ray.distributed.actors import ClientActor, ServerActor
     from meerkat_ray.distributed.executor import RayExecutor
 

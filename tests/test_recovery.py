@@ -244,7 +244,7 @@ def test_each_process_writes_a_stored_run_in_a_scratch_folder_of_its_own(tmp_pat
     assert cfg.run_dir == load_config(None, [*RUN, "output_dir=file:///store/runs", "name=trial"]).run_dir
 
     # a killed attempt cannot remove its folder: the next one on the node does, and only the dead's
-    from meerkat_ray.storage import remove_dead_attempts
+    from meerkat_ray.uris import remove_dead_attempts
 
     (Path(other) / "config.yaml").parent.mkdir(parents=True)  # the subprocess has exited
     cfg.run_dir.mkdir(parents=True)
@@ -283,7 +283,7 @@ def test_a_round_whose_upload_cannot_happen_is_an_error_before_it_is_reported(tm
     """The local run folder is gone when round 1 is to be uploaded: the run stops with an error
     naming it, and round 1 never reaches `on_round` (where a Tune trial reports and checkpoints)."""
     from meerkat_ray import checkpoint
-    from meerkat_ray.storage import run_stored
+    from meerkat_ray.runner import run_stored
 
     monkeypatch.setenv("MEERKAT_RAY_SCRATCH", str(tmp_path / "scratch"))
     real_save = checkpoint.RunCheckpoint.save
@@ -306,7 +306,8 @@ def test_a_stored_run_cut_short_in_its_first_upload_is_started_again_not_refused
     pass had sent metrics, sparse_init, mask and path but not yet config.yaml): the trial, started
     afresh by the resumed sweep (no Tune checkpoint), must replace that folder, while a folder
     that is no run folder at all is still refused."""
-    from meerkat_ray.storage import Store, resolve, run_stored
+    from meerkat_ray.runner import run_stored
+    from meerkat_ray.storage import Store, resolve
 
     monkeypatch.setenv("MEERKAT_RAY_SCRATCH", str(tmp_path / "scratch"))
     uri = f"file://{tmp_path / 'store'}"

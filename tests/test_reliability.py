@@ -21,8 +21,17 @@ from meerkat_ray.client import ClientWorker
 from meerkat_ray.config import load_config
 from meerkat_ray.errors import ConfigError
 from meerkat_ray.messages import ClientPlan, ClientResult
-from meerkat_ray.path import (ClientPath, aggregation_terms, derive_seed, replay_path,
-                              robust_location)
+from meerkat_ray.replay import replay_path
+from meerkat_ray.seeds import derive_seed
+from meerkat_ray.strategies.aggregation import ClientPath, make_rule
+
+
+def robust_location(values, aggregation, trim_fraction=None):
+    return make_rule(aggregation, **({} if trim_fraction is None else {"trim_fraction": trim_fraction})).location(values)
+
+
+def aggregation_terms(paths, sharing, aggregation):
+    return make_rule(aggregation).terms(paths, sharing)
 from meerkat_ray.runlog import load_theta, read_metrics, read_path
 from meerkat_ray.executors import FAULT_COUNTERS
 from meerkat_ray.runner import run_experiment
@@ -169,8 +178,8 @@ def test_a_malicious_client_is_outvoted_by_the_median_but_wrecks_the_mean(monkey
         assert all(math.isfinite(m["test_loss"]) for m in read_metrics(run) if m.get("test_loss") is not None)
         assert read_metrics(run)[-1]["rejected_clients"] == []  # outvoted, not refused
     # path.parquet + the two config keys still replay sparse_final bit for bit
-    assert torch.equal(replay_path(init, read_path(median), aggregation="median"), theta["median"])
-    assert torch.equal(replay_path(init, read_path(trimmed), aggregation="trimmed_mean", trim_fraction=0.2),
+    assert torch.equal(replay_path(init, read_path(median), rule=make_rule("median")), theta["median"])
+    assert torch.equal(replay_path(init, read_path(trimmed), rule=make_rule("trimmed_mean", trim_fraction=0.2)),
                        theta["trimmed"])
 
 

@@ -9,9 +9,10 @@ import torch
 
 from meerkat_ray.client import ClientData, ClientWorker
 from meerkat_ray.config import Config, VPConfig, load_config
-from meerkat_ray.gradip import VPState, flag_quality, vpcs_statistics
+from meerkat_ray.gradip import flag_quality, vpcs_statistics
 from meerkat_ray.messages import ClientResult, SyncMessage
-from meerkat_ray.path import replay_client_
+from meerkat_ray.strategies.strategy import VPState
+from meerkat_ray.terms import replay_client_
 from meerkat_ray.server import Server
 from meerkat_ray.strategies.policies import GradIPPolicy, RandomPolicy, RoundView
 from meerkat_ray.zo import MaskedView, perturbation

@@ -17,7 +17,7 @@ from conftest import TINY_RUN
 
 from meerkat_ray.client import ClientWorker
 from meerkat_ray.config import VPConfig, load_config
-from meerkat_ray.gradip import VPState
+from meerkat_ray.strategies.strategy import VPState
 from meerkat_ray.messages import ClientResult
 from meerkat_ray.runlog import read_metrics, read_path
 from meerkat_ray.runner import run_experiment

@@ -12,7 +12,8 @@ import meerkat_ray.zo as zo
 from meerkat_ray.client import ClientData, ClientWorker
 from meerkat_ray.mask import Mask, eligible_parameters, top_k_mask
 from meerkat_ray.messages import ClientPlan
-from meerkat_ray.path import derive_seed, replay_client_, step_seeds
+from meerkat_ray.seeds import derive_seed, step_seeds
+from meerkat_ray.terms import replay_client_
 from meerkat_ray.zo import MaskedView, perturbation, zo_step_
 
 EPS, LR = 1e-3, 1e-2

@@ -23,12 +23,13 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from ..choices import ALGORITHMS as NAMES
 from ..registry import registrar
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 
-register = registrar(ALGORITHMS)
+register = registrar(ALGORITHMS, NAMES)
 
 
 def make_algorithm(name: str) -> Algorithm:
@@ -47,10 +48,6 @@ class Algorithm:
     name = ""
     replayable = True
     uses_seeds = True
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        """Refuse (ConfigError naming the keys) a config this algorithm cannot run."""
 
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
         raise NotImplementedError

@@ -22,14 +22,13 @@ fp32 master values and the masked gradient (n floats each); no optimizer state.
 
 Not seed-replayable: sparse_final depends on the clients' data, not on seeds and scalars alone.
 path.parquet keeps one row per (round, client, step) - the steps counted, lr, weight p_k and GradIP
-(NaN without Meerkat-vp) - with seed = -1 and scalar = NaN (there are none); `path.replay_path`
+(NaN without Meerkat-vp) - with seed = -1 and scalar = NaN (there are none); `replay.replay_path`
 refuses such a path and summary.json says `"replayable": false`.
 """
 from __future__ import annotations
 
 import math
 
-from ..errors import ConfigError
 from ..messages import SyncMessage
 from .base import Algorithm, LocalOutcome, numbers_problem, register, short
 
@@ -41,16 +40,6 @@ class FirstOrder(Algorithm):
     replayable = False
     uses_seeds = False
     needs_g_pre = True  # the client computes GradIP itself when Meerkat-vp runs
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        if cfg.fed.algorithm != cls.name:
-            return
-        if cfg.fed.aggregation != "mean":
-            raise ConfigError(f"fed.aggregation: {cfg.fed.aggregation} combines ZO scalars per seed; "
-                              "fed.algorithm=first_order averages the masked values (use fed.aggregation=mean)")
-        if cfg.zo.clip > 0:
-            raise ConfigError("zo.clip: clips ZO scalars, and fed.algorithm=first_order sends none (set zo.clip=0)")
 
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
         losses, grad_ips = [], []

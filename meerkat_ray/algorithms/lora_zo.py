@@ -16,31 +16,17 @@ n = sum over targeted matrices of r (d_in + d_out) values, the fp32 master copy 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..errors import ConfigError
+from ..config import target_names
 from .base import register
 from .sparse_zo import SparseZO
 
 ADAPTER_WEIGHTS = r"\.lora_[AB]\."  # parameter names of the adapter weights (peft's naming)
 
 
-@dataclass
-class LoRAConfig:
-    rank: int = 8                  # lora_zo: adapter rank r
-    alpha: float = 16.0            # lora_zo: the adapter's update is scaled by alpha / r
-    targets: str = "q_proj,v_proj"  # lora_zo: comma-separated names of the linear modules that get adapters
-
-
 @register("lora_zo")
 class LoRAZO(SparseZO):
     replayable = True
     uses_seeds = True
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        if cfg.fed.algorithm == cls.name and not target_names(cfg.lora):
-            raise ConfigError("lora.targets: names no module (comma-separated module names, e.g. q_proj,v_proj)")
 
     def adapt_model(self, lm, cfg):
         return attach_adapters(lm, cfg)
@@ -57,10 +43,6 @@ class LoRAZO(SparseZO):
 
     def export_model(self, model):
         return model.merge_and_unload()
-
-
-def target_names(lora: LoRAConfig) -> list[str]:
-    return [name.strip() for name in lora.targets.split(",") if name.strip()]
 
 
 def attach_adapters(lm, cfg):

@@ -58,10 +58,10 @@ class SparseZO(Algorithm):
 
         import torch
 
-        from ..path import apply_terms_
+        from ..terms import apply_terms_
         from ..zo import perturbations
 
-        terms = server.rule.terms(paths, server.cfg.fed.seed_sharing)
+        terms = server.strategy.terms(paths)
         dots: dict[int, float] = {}
 
         def on_z(seed: int, z: torch.Tensor) -> None:

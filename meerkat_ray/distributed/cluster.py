@@ -138,7 +138,7 @@ def node_label(node_id: str | None) -> str:
 def resume_hint(cfg: Config, round_: int) -> str:
     """The command that continues the run, naming where its folder is kept (a URI, not this node's
     scratch copy, for a run stored at one)."""
-    from ..storage import run_location
+    from ..uris import run_location
 
     return (f"the run folder holds the checkpoint of round {max(round_ - 1, 0)}: `meerkat-ray run --resume "
             f"{run_location(cfg)}` continues it (a Tune trial retries from it by itself, up to tune.max_failures)")

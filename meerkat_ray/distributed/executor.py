@@ -30,7 +30,7 @@ from ..config import Config
 from ..errors import MeerkatError
 from ..executors import FAULT_COUNTERS
 from ..messages import measured_s
-from ..path import apply_sync_
+from ..terms import apply_sync_
 from ..experiment import DataSetup, check_model
 from ..seeds import derive_seed
 from ..zo import accuracy_and_loss

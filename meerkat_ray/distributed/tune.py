@@ -35,7 +35,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .. import storage
+from .. import runner, staging, storage, uris
 from ..checkpoint import RunCheckpoint, open_resume
 from ..config import Config, set_dotted
 from ..errors import MeerkatError
@@ -74,12 +74,12 @@ def run_trial(params: dict, base: dict, runs_dir: str) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             kept = RunCheckpoint.load(folder)
-        storage.fetch_run_dir(cfg)  # a run folder stored at a URI comes back to this node first
+        runner.fetch_run_dir(cfg)  # a run folder stored at a URI comes back to this node first
         try:  # the checks of `run --resume`: never a checkpoint newer than the run folder's logs
             _, resume = open_resume(cfg.run_dir, kept, expect=cfg)
         except MeerkatError as exc:
             raise MeerkatError(f"Tune's checkpoint of round {kept.round} does not fit the run folder "
-                               f"{storage.run_location(cfg)}: {exc}") from None
+                               f"{uris.run_location(cfg)}: {exc}") from None
     run_experiment_with_reports(cfg, resume)
 
 
@@ -108,7 +108,7 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
             "downlink_bytes": last["downlink_bytes"],
             "num_flagged": len(flagged),
             "flagged_clients": ",".join(str(k) for k in flagged),  # a string: TensorBoard skips it
-            "run_dir": storage.run_location(cfg),
+            "run_dir": uris.run_location(cfg),
         }
         if round_ < cfg.fed.rounds:
             report(values, checkpoint)
@@ -116,7 +116,7 @@ def run_experiment_with_reports(cfg: Config, resume: RunCheckpoint | None) -> No
             final.append((values, checkpoint))
 
     try:
-        summary = storage.run_stored(cfg, overwrite=True, progress=False, on_round=on_round, resume=resume)
+        summary = runner.run_stored(cfg, overwrite=True, progress=False, on_round=on_round, resume=resume)
     except BaseException as exc:
         tracker.fail(exc)
         raise
@@ -148,9 +148,9 @@ def preflight(sweep: Sweep) -> None:
 
 def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
     folder = sweep.folder
-    storage.stage_sweep(sweep, folder, resume, overwrite)  # a sweep at a URI: checked there, staged here
+    staging.stage_sweep(sweep, folder, resume, overwrite)  # a sweep at a URI: checked there, staged here
     if resume:
-        path, fs = storage.tune_storage(sweep, folder)
+        path, fs = staging.tune_storage(sweep, folder)
         if not tune.Tuner.can_restore(f"{path}/{EXPERIMENT}", storage_filesystem=fs):
             raise MeerkatError(f"{folder}: no interrupted sweep to resume there")
         stored = yaml.safe_load((folder / "sweep.yaml").read_text())
@@ -166,7 +166,7 @@ def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
     folder.mkdir(parents=True)
     spec = {**sweep.spec(), "tune": dataclasses.asdict(sweep.tune), "source": sweep.source}
     write_text(folder / "sweep.yaml", yaml.safe_dump(spec, sort_keys=False))
-    storage.publish(sweep, folder, "sweep.yaml")
+    staging.publish(sweep, folder, "sweep.yaml")
     return folder
 
 
@@ -176,10 +176,10 @@ def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_f
     `callbacks` are Tune callbacks of a new sweep (tests interrupt a sweep with one); `reuse_actors`
     lets a trial start in the process a finished one ran in (tests of stand-in trials)."""
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, base=sweep.base, runs_dir=storage.runs_location(sweep, folder)),
+        tune.with_parameters(trial_fn, base=sweep.base, runs_dir=staging.runs_location(sweep, folder)),
         resources=functools.partial(trial_resources, sweep.base))
     if resume:
-        path, fs = storage.tune_storage(sweep, folder)
+        path, fs = staging.tune_storage(sweep, folder)
         return tune.Tuner.restore(f"{path}/{EXPERIMENT}", trainable=trainable, storage_filesystem=fs, resume_unfinished=True,
                                   resume_errored=True)
     t = sweep.tune
@@ -195,8 +195,8 @@ def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_f
         tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, search_alg=search_alg,
                                     max_concurrent_trials=max_concurrent, scheduler=scheduler,
                                     trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage.tune_storage(sweep, folder)[0],
-                                  storage_filesystem=storage.tune_storage(sweep, folder)[1], verbose=1 if progress else 0,
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=staging.tune_storage(sweep, folder)[0],
+                                  storage_filesystem=staging.tune_storage(sweep, folder)[1], verbose=1 if progress else 0,
                                   callbacks=list(callbacks) or None,
                                   # every round's checkpoint kept: Tune prunes old ones as soon as a new one is
                                   # registered, but the experiment state at storage is synced later, so a sweep
@@ -293,11 +293,11 @@ def flagging(run_dir: str | None) -> dict:
 def error_file(sweep: Sweep, trial_path: str) -> str:
     """Where a failed trial's error.txt is kept: in Tune's trial folder at the sweep's storage (the
     URI for a sweep stored at one)."""
-    store = storage.sweep_store(sweep)
+    store = staging.sweep_store(sweep)
     name = str(trial_path).rstrip("/").rsplit("/", 1)[-1]
     if store is None:
         return str(sweep.folder / EXPERIMENT / name / "error.txt")
-    return storage.uri_join(store.uri, EXPERIMENT, name, "error.txt")
+    return uris.uri_join(store.uri, EXPERIMENT, name, "error.txt")
 
 
 def write_results(table: pd.DataFrame, folder: Path) -> None:
@@ -323,10 +323,10 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, progr
     write_results(table, folder)
     done = table["status"].isin(["done"] if sweep.tune.scheduler != "asha" else ["done", "stopped"])
     tracking.finish(table, folder, complete=bool(done.all()) and len(table) >= sweep.expected_trials)
-    storage.publish(sweep, folder, "results.parquet", "results.csv")
+    staging.publish(sweep, folder, "results.parquet", "results.csv")
     if progress:
         shown = [c for c in table.columns if c not in ("run_dir", "trial_id", "trial_path", "error")]
-        where = storage.sweep_store(sweep).uri if storage.sweep_store(sweep) else folder
+        where = staging.sweep_store(sweep).uri if staging.sweep_store(sweep) else folder
         print(f"\n{len(table)} trials -> {where}/results.csv")
         print(table[shown].to_string(index=False))
     return table

@@ -1,11 +1,12 @@
 """Aggregation rules: a round's accepted client paths -> the terms every process applies.
 
 A rule is a class registered with `@register("name")`; the registry `AGGREGATIONS` is the list of
-`fed.aggregation` choices (config validation reads it). A rule receives every FedConfig field as a
-keyword and keeps the ones it uses; `check(cfg)` refuses a config the rule cannot run.
+`fed.aggregation` choices (config validation reads it). `params` names the FedConfig keys the rule
+takes as keywords: `strategy.rule_for(cfg)` builds it with the run's values, for the server and
+for the replay alike; `check(cfg)` refuses a config the rule cannot run.
 
 Aggregation w_{r+1} = sum_k p_k theta_k^{(T_k)} is linear in the z's, so a rule returns *terms*
-(seed, lr, coef), applied as theta <- theta - lr * coef * z(seed) (`path.apply_terms_`). Paths
+(seed, lr, coef), applied as theta <- theta - lr * coef * z(seed) (`terms.apply_terms_`). Paths
 reach `combine` in client-id order. A client's weight p_k is the server's (data size over the
 round's accepted clients); the rules only combine.
 
@@ -33,7 +34,7 @@ register = registrar(AGGREGATIONS)
 
 
 def make_rule(name: str, **params) -> Aggregation:
-    """The rule `name`, given FedConfig fields as keywords (each rule reads the ones it needs)."""
+    """The rule `name` with the given values of its `params` (a run's rule: `strategy.rule_for`)."""
     return AGGREGATIONS[name](**params)
 
 
@@ -50,9 +51,7 @@ class ClientPath:
 class Aggregation:
     name = ""
     round_sharing_only = False  # needs fed.seed_sharing=round (one seed per step for all clients)
-
-    def __init__(self, **params):
-        pass
+    params: tuple[str, ...] = ()  # the FedConfig keys __init__ takes
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -125,7 +124,9 @@ class Median(Location):
 class TrimmedMean(Location):
     """The mean after dropping the floor(beta * m) lowest and highest of m values (beta = fed.trim_fraction)."""
 
-    def __init__(self, trim_fraction: float = 0.0, **params):
+    params = ("trim_fraction",)
+
+    def __init__(self, trim_fraction: float = 0.0):
         self.trim_fraction = trim_fraction
 
     def location(self, values):

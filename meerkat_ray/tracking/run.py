@@ -119,7 +119,8 @@ class Tracker:
         storage URI where output_dir is one: the local copy is gone by now)."""
         if not (self.mlflow or self.wandb):
             return
-        from ..storage import local_copy, run_location
+        from ..storage import local_copy
+        from ..uris import run_location
 
         try:
             with local_copy(run_location(self.cfg), skip=("tb", "wandb")) as folder:
