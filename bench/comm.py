@@ -1,6 +1,6 @@
 """Bytes per client per round: Meerkat (both seed-sharing modes) against what peers would send.
 
-Meerkat's numbers are *measured*: a tiny federation runs end to end (ray.backend=local, tiny-llama)
+Meerkat's numbers are *measured*: a tiny federation runs end to end (executor=local, tiny-llama)
 in each seed-sharing mode and its metrics.jsonl byte counters (meerkat_ray/messages.py accounting:
 seeds, ids and scalars at 8 B, per-step losses at 4 B) are divided by clients and rounds; the
 same accounting is then driven with K clients through the real `Server` (messages do not depend on
@@ -59,7 +59,7 @@ def measured_run(sharing: str, T: int, K: int, rounds: int = 3) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, [
-            "model.name=tiny-llama", "model.num_threads=1", "ray.backend=local", f"output_dir={out}", "name=comm",
+            "model.name=tiny-llama", "model.num_threads=1", "executor=local", f"output_dir={out}", "name=comm",
             "data.num_train=200", "data.num_test=16", f"data.num_clients={K}", "data.batch_size=2",
             "data.max_length=16", "mask.kind=random", "mask.density=0.01", "vp.enabled=false",
             f"fed.rounds={rounds}", f"fed.local_steps={T}", f"fed.seed_sharing={sharing}", f"fed.eval_every={rounds}"])

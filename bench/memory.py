@@ -4,7 +4,7 @@ Peak RSS is the kernel's high-water mark of the actor process (VmHWM in /proc/PI
 from the driver; it is reset (`clear_refs` 5) once set-up is over, so "work peak" is the peak
 while the federation's rounds run, and "set-up peak" the peak of loading model, mask and data.
 
-1. Client actor vs inference only: one client actor (`ray.backend=ray`, `ray.num_actors=1`) runs
+1. Client actor vs inference only: one client actor (`executor=ray`, `ray.num_actors=1`) runs
    R rounds of K clients x T steps; an inference actor, started the same way with the same model,
    thread count and batches, runs the same number of plain forward passes (2 per step).
    Target: client work peak <= 1.2 x inference work peak.
@@ -66,7 +66,7 @@ def config(args, K: int, T: int, num_train: int):
     from meerkat_ray.config import load_config
 
     return load_config(None, [
-        f"model.name={args.model}", "model.num_threads=1", "ray.backend=ray", "ray.num_actors=1",
+        f"model.name={args.model}", "model.num_threads=1", "executor=ray", "ray.num_actors=1",
         "data.task=tweets2", f"data.num_train={num_train}", "data.num_test=16", f"data.num_clients={K}",
         "data.partition=iid", f"data.batch_size={args.batch_size}", f"data.max_length={args.max_length}",
         f"fed.local_steps={T}", f"fed.rounds={args.rounds}", f"vp.calib_steps={T * args.rounds + 1}",

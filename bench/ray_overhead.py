@@ -4,8 +4,8 @@ The round is the loop of `runner.federate` without evaluation and without the ru
     plans = server.plan_round(r) -> executor.run_clients(plans) -> server.finish_planned -> the driver
     applies the SyncMessage to its own values -> executor.sync
 built by `executors.make_executor` exactly as `meerkat-ray run` builds it, for
-- local:  ray.backend=local, one process, `--threads` torch threads (the in-process reference);
-- ray1:   ray.backend=ray with one client actor (1 CPU, 1 thread) and the server actor;
+- local:  executor=local, one process, `--threads` torch threads (the in-process reference);
+- ray1:   executor=ray with one client actor (1 CPU, 1 thread) and the server actor;
 - ray2:   two client actors (the speed-up a second core buys);
 - local2: in process with 2 torch threads (what intra-op threads buy instead of a second actor).
 The first round is a warm-up; the table gives the median of the others. Results are bit-identical
@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import emit, fail, int_list, median, table  # noqa: E402
 
 BACKENDS = {  # name -> config overrides
-    "local": ["ray.backend=local", "model.num_threads=1"],
-    "ray1": ["ray.backend=ray", "ray.num_actors=1", "model.num_threads=1"],
-    "ray2": ["ray.backend=ray", "ray.num_actors=2", "model.num_threads=1"],
-    "local2": ["ray.backend=local", "model.num_threads=2"],
+    "local": ["executor=local", "model.num_threads=1"],
+    "ray1": ["executor=ray", "ray.num_actors=1", "model.num_threads=1"],
+    "ray2": ["executor=ray", "ray.num_actors=2", "model.num_threads=1"],
+    "local2": ["executor=local", "model.num_threads=2"],
 }
 TARGETS = {1: 1.30, 10: 1.10}  # ray1 / local per round, by T
 

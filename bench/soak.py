@@ -66,7 +66,7 @@ def main(argv=None) -> None:
             f"data.num_clients={args.clients}", "data.partition=mixed", "data.num_test=32", "data.batch_size=4",
             "mask.density=0.01", "mask.cache=false", "mask.calib_num_seqs=2", "mask.calib_seq_len=32",
             f"fed.rounds={args.rounds}", "fed.local_steps=1", f"fed.eval_every={args.eval_every}",
-            "vp.calib_steps=20", "zo.lr=1e-3", "ray.backend=local", "name=soak", f"output_dir={out}"])
+            "vp.calib_steps=20", "zo.lr=1e-3", "executor=local", "name=soak", f"output_dir={out}"])
         run_experiment(cfg, progress=False, on_round=on_round)
 
     kept = [s for s in samples if s[0] > args.warmup]

@@ -16,12 +16,12 @@ from typing import Any
 
 import yaml
 
-from .config_checks import CHOICES, MLFLOW_URI, PATH_KEYS, RANGES, _short, get_key, validate
+from .config_checks import CHOICES, MLFLOW_URI, PATH_KEYS, RANGES, RENAMED_KEYS, _short, get_key, validate
 from .errors import ConfigError
 from .schedule import round_steps
 from .uris import is_uri, scratch_dir
 
-__all__ = ["CHOICES", "MLFLOW_URI", "PATH_KEYS", "RANGES", "get_key", "round_steps", "validate"]  # re-exported: their homes are config_checks and schedule
+__all__ = ["CHOICES", "MLFLOW_URI", "PATH_KEYS", "RANGES", "RENAMED_KEYS", "get_key", "round_steps", "validate"]  # re-exported: their homes are config_checks and schedule
 
 
 @dataclass
@@ -107,7 +107,6 @@ class LoRAConfig:
 
 @dataclass
 class RayConfig:
-    backend: str = "ray"           # ray (client actors + a server actor) | local (sequential, in this process)
     num_actors: int = 2            # client actors (each loads the model once, serves many clients)
     gpus_per_client: float = 0.0   # GPU fraction per client actor (e.g. 0.25)
     cpus_per_client: float = 1.0   # CPUs per client actor
@@ -137,6 +136,7 @@ class Config:
     name: str = "meerkat-vp-demo"  # run folder name under output_dir
     seed: int = 0                  # every random draw derives from this
     output_dir: str = "runs"       # parent folder of run folders, or a storage URI (s3://, gs://, file://: uploaded every round)
+    executor: str = "ray"          # where clients run: ray (client actors + a server actor, ray.*) | local (sequential, in this process)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -216,7 +216,43 @@ def target_names(lora: LoRAConfig) -> list[str]:
 
 
 def from_dict(data: dict | None) -> Config:
-    return validate(_build(Config, data or {}, ""))
+    """A validated Config from a mapping (config.yaml, a YAML file, a sweep's base): keys renamed
+    since (`RENAMED_KEYS`) are read under their new names."""
+    return validate(_build(Config, renamed(data or {}), ""))
+
+
+def renamed(data: dict) -> dict:
+    """`data` with every old key of RENAMED_KEYS moved to its new place (a copy; `data` may be
+    anything `_build` refuses); an old key given beside its new one is refused, naming both."""
+    import copy
+
+    if not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    for old, new in RENAMED_KEYS.items():
+        section, _, leaf = old.rpartition(".")
+        node = data.get(section) if section else data
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        if not node and section:
+            data.pop(section)
+        try:
+            get_dotted(data, new)
+        except KeyError:
+            set_dotted(data, new, value)
+            continue
+        raise ConfigError(f"{old}: renamed {new}; give only {new}")
+    return data
+
+
+def get_dotted(data: dict, key: str) -> Any:
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
 
 
 def to_dict(cfg: Config) -> dict:

@@ -35,8 +35,11 @@ CHOICES = {
     "vp.calibration": ("first_round", "probe", "rounds"),
     "vp.statistic": ("mean", "median"),
     "vp.reference": ("late", "early"),
-    "ray.backend": tuple(EXECUTORS),
+    "executor": tuple(EXECUTORS),
 }
+# old key -> new key: configs written before a rename (a run folder's config.yaml, a sweep file)
+# still load, their values read under the new key (`config.renamed`)
+RENAMED_KEYS = {"ray.backend": "executor"}
 
 # (key, predicate, what the value must be)
 RANGES = [
@@ -138,8 +141,8 @@ def validate(cfg: Config) -> Config:
         variant.check(cfg)
     check_algorithm(cfg)
     check_calibration(cfg)
-    if cfg.ray.chaos_kill_prob > 0 and cfg.ray.backend != "ray":
-        raise ConfigError("ray.chaos_kill_prob: kills client actors, so it needs ray.backend=ray")
+    if cfg.ray.chaos_kill_prob > 0 and cfg.executor != "ray":
+        raise ConfigError("ray.chaos_kill_prob: kills client actors, so it needs executor=ray")
     if cfg.tracking.mlflow_uri and not MLFLOW_URI.fullmatch(cfg.tracking.mlflow_uri):
         raise ConfigError(f"tracking.mlflow_uri: not an MLflow tracking URI (sqlite:///FILE, http://HOST:PORT, "
                           f"file:FOLDER or a folder), got {_short(cfg.tracking.mlflow_uri)}")

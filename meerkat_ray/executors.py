@@ -1,7 +1,7 @@
-"""Where a run's clients and server run: the executor registry (`ray.backend`).
+"""Where a run's clients and server run: the executor registry (`executor`).
 
 The one round loop (`runner.federate`) drives an executor; the names below are the values of
-`ray.backend`, each mapped to a `module:function` builder `build(cfg, data, progress)` that is imported
+`executor`, each mapped to a `module:function` builder `build(cfg, data, progress)` that is imported
 only when chosen, so the core never imports Ray (tests/test_strategies.py checks it).
 
 An executor has:
@@ -38,6 +38,6 @@ FAULT_COUNTERS = ("retries", "actor_restarts", "pool_shrinks", "pool_regrowths",
 
 
 def make_executor(cfg, data, progress: bool):
-    """The executor of `ray.backend`, set up: model, mask and theta_0 loaded where its workers run."""
-    module, function = EXECUTORS[cfg.ray.backend].split(":")
+    """The executor of `executor`, set up: model, mask and theta_0 loaded where its workers run."""
+    module, function = EXECUTORS[cfg.executor].split(":")
     return getattr(importlib.import_module(module), function)(cfg, data, progress)

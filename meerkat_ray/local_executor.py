@@ -1,4 +1,4 @@
-"""`ray.backend=local`: every virtual client runs on one worker in this process, one after another,
+"""`executor=local`: every virtual client runs on one worker in this process, one after another,
 and the server is a plain local object. Nothing here imports Ray."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One federated experiment: set-up, the round loop, the run folder, the summary.
 
 The round loop is written once (`federate`); where clients and server run is the executor of
-`ray.backend` (`executors.py`: `local_executor` in this process, `distributed.executor` on Ray).
+`executor` (`executors.py`: `local_executor` in this process, `distributed.executor` on Ray).
 Per round:
     plans = server.plan_round(r) -> results = executor.run_clients(plans)
     -> server.finish_planned (checks, replay, GradIP, VPCS, aggregation, bytes) -> the driver applies

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, _build, _field_types, from_dict, get_key, parse_override, read_yaml, set_dotted
+from .config import (RENAMED_KEYS, Config, _build, _field_types, from_dict, get_key, parse_override, read_yaml,
+                     renamed, set_dotted)
 from .errors import ConfigError
 from .uris import is_uri, scratch_dir
 
@@ -132,11 +133,23 @@ def point_tag(point: dict) -> str:
 def _check_grid(grid: Any) -> dict[str, list]:
     if not isinstance(grid, dict):
         raise ConfigError(f"grid: expected a mapping of dotted keys to lists, got {type(grid).__name__}")
+    grid = new_names(grid, "grid")
     for key, values in grid.items():
         _check_key("grid", key)
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
     return grid
+
+
+def new_names(keys: dict, section: str) -> dict:
+    """A grid's or space's dotted keys with renamed ones (`config.RENAMED_KEYS`) under their new names."""
+    out = {}
+    for key, value in keys.items():
+        new = RENAMED_KEYS.get(key, key) if isinstance(key, str) else key
+        if new in out or (new != key and new in keys):
+            raise ConfigError(f"{section}.{key}: renamed {new}; give only {new}")
+        out[new] = value
+    return out
 
 
 def _check_key(section: str, key: Any) -> None:
@@ -216,6 +229,7 @@ def bounds(spec: dict) -> list:
 def _check_space(space: Any, grid: dict) -> dict[str, dict]:
     if not isinstance(space, dict):
         raise ConfigError(f"space: expected a mapping of dotted keys to distributions, got {type(space).__name__}")
+    space = new_names(space, "space")
     types = _leaf_types()
     checked = {}
     for key, spec in space.items():
@@ -321,6 +335,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             set_dotted(tune, rest, value)
         else:
             set_dotted(base, rest if section == "base" and rest else key, value)
+    try:
+        base = renamed(base)  # a sweep file written before a key was renamed
+    except ConfigError as exc:
+        raise ConfigError(f"base.{exc}") from None
     if "output_dir" in base:  # trial run folders go to <tune.output_dir>/<tune.name>/runs/: it would do nothing
         raise ConfigError(f"base.output_dir: a sweep places its trials' run folders under "
                           f"<tune.output_dir>/<tune.name>/runs/; set tune.output_dir={base['output_dir']} instead")

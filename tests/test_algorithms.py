@@ -28,7 +28,7 @@ from meerkat_ray.zo import MaskedView
 LR = 0.05
 ROOT = Path(__file__).resolve().parent.parent
 FO_RUN = TINY_RUN + ["data.num_train=96", "data.num_clients=3", "data.partition=iid", "fed.rounds=3",
-                     "fed.local_steps=2", "fed.eval_every=3", "vp.enabled=false", "ray.backend=local",
+                     "fed.local_steps=2", "fed.eval_every=3", "vp.enabled=false", "executor=local",
                      "fed.algorithm=first_order", "fed.fo_lr=0.05"]
 
 
@@ -116,7 +116,7 @@ def test_first_order_combinations_that_cannot_work_are_config_errors():
         load_config(None, ["fed.algorithm=lora_zo", "lora.targets= , "])
 
 
-ON_RAY = ["ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5"]
+ON_RAY = ["executor=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5"]
 
 
 def finished_run(root: Path, base: list[str], name: str, *extra: str) -> Path:
@@ -206,7 +206,7 @@ def test_analysis_names_the_algorithm():
 # ----------------------------------------------------------------------------- lora_zo (LoRA-FedZO)
 
 LORA_RUN = TINY_RUN + ["data.num_train=96", "data.num_clients=3", "data.partition=iid", "fed.rounds=2",
-                       "fed.local_steps=2", "fed.eval_every=2", "vp.enabled=false", "ray.backend=local",
+                       "fed.local_steps=2", "fed.eval_every=2", "vp.enabled=false", "executor=local",
                        "fed.algorithm=lora_zo"]
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T, ROUNDS, K = 2, 3, 4
 TINY = [  # a federation of a few seconds: tiny model, 4 clients of which 2 single-label
-    "model.name=tiny-llama", "model.num_threads=1", "ray.backend=local", "data.task=tweets2",
+    "model.name=tiny-llama", "model.num_threads=1", "executor=local", "data.task=tweets2",
     "data.num_train=96", "data.num_test=16", f"data.num_clients={K}", "data.partition=mixed",
     "data.extreme_fraction=0.5", "data.batch_size=2", "data.max_length=24", "mask.density=0.01",
     "mask.calib_num_seqs=2", "mask.calib_seq_len=24", "mask.calib_batch_size=2", f"fed.rounds={ROUNDS}",

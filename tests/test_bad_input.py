@@ -100,7 +100,7 @@ CONTRACT_CHOICES = {
     "vp.calibration": {"first_round", "probe", "rounds"},
     "vp.statistic": {"mean", "median"},
     "vp.reference": {"late", "early"},
-    "ray.backend": {"ray", "local"},
+    "executor": {"ray", "local"},
 }
 NUMERIC = sorted(k for k, t in LEAVES.items() if t in (int, float))
 
@@ -151,7 +151,7 @@ MATRIX = (
         ("mask.eligible=(unclosed", "mask.eligible"), ("ray.dashboard_host=a b", "ray.dashboard_host"),
         ("vp.early_fraction=0.6", "vp.early_fraction"), ("ray.gpus_per_client=2.5", "ray.gpus_per_client"),
         ("fed.aggregation=median;fed.seed_sharing=client", "fed.aggregation"),
-        ("ray.chaos_kill_prob=0.5;ray.backend=local", "ray.chaos_kill_prob"),
+        ("ray.chaos_kill_prob=0.5;executor=local", "ray.chaos_kill_prob"),
         ("fed.rounds=1e400", "fed.rounds"), ("zo.lr=1e400", "zo.lr"), ("zo.lr=nan", "zo.lr"),
         ("fed=3", "fed"), ("fed.rounds.deeper=1", "fed.rounds"), ("no_such_key=1", "no_such_key"),
         ("fed.no_such_key=1", "fed.no_such_key"), ("noequals", "noequals"),
@@ -203,7 +203,7 @@ def test_malformed_or_hostile_yaml_is_refused(tmp_path, capfd, no_model_or_clust
     path.write_text(text)
     # the overrides keep a wrongly accepted file cheap (a tiny model in process) and out of ./runs
     line = refused(capfd, "run", "--quiet", str(path), f"output_dir={tmp_path / 'runs'}", "model.name=tiny-llama",
-                   "ray.backend=local", "data.num_train=20", "data.num_test=4")
+                   "executor=local", "data.num_train=20", "data.num_test=4")
     assert YAML_FILES[text] in line, line
     assert not (tmp_path / "runs").exists()
 
@@ -350,4 +350,4 @@ def test_the_guard_stops_a_run_that_gets_as_far_as_a_model_or_a_cluster(tmp_path
 
     with pytest.raises(ModelLoaded, match=entered):
         main(["run", "--quiet", "model.name=tiny-llama", "data.num_train=40", "data.num_test=4", "vp.enabled=false",
-              f"ray.backend={backend}", f"output_dir={tmp_path / 'runs'}"])
+              f"executor={backend}", f"output_dir={tmp_path / 'runs'}"])

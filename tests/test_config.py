@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meerkat_ray.config import Config, from_dict, get_key, load_config, to_dict, validate
+from meerkat_ray.config import RENAMED_KEYS, Config, from_dict, get_key, load_config, to_dict, validate
 from meerkat_ray.errors import ConfigError
 
 SST2 = Path(__file__).parent / "fixtures" / "hub" / "sst2"
@@ -31,6 +31,11 @@ def test_defaults_validate_and_round_trip():
 
 @pytest.mark.parametrize("key", CONTRACT_KEYS)
 def test_every_contract_key_exists(key):
+    """Each key is read; a key renamed since the contract was written (ray.backend -> executor) is
+    read under its new name, which config.yaml holds."""
+    if key in RENAMED_KEYS:
+        old, key = key, RENAMED_KEYS[key]
+        assert load_config(None, [f"{old}=local"]) == load_config(None, [f"{key}=local"]) != Config()
     node = to_dict(Config())  # what config.yaml holds
     for part in key.split("."):
         assert isinstance(node, dict) and part in node, (key, part)
@@ -99,7 +104,8 @@ BAD = [  # (override, the key the error must name)
     ("mask.kind=lora", "mask.kind"),
     ("fed.seed_sharing=both", "fed.seed_sharing"),
     ("model.dtype=int8", "model.dtype"),
-    ("ray.backend=spark", "ray.backend"),
+    ("executor=spark", "executor"),
+    ("ray.backend=spark", "executor"),  # the old name of the key
     ("vp.policy=oracle", "vp.policy"),
 ]
 
@@ -316,3 +322,31 @@ def test_readme_config_reference_lists_every_key():
     defaults = {k: ast.literal_eval(v) for k, v in re.findall(r"^\| `([\w.]+)` \| `([^`]*)` \|", readme, re.M)}
     wrong = {k: (v, get_key(Config(), k)) for k, v in defaults.items() if v != get_key(Config(), k)}
     assert set(defaults) == set(keys(Config)) and not wrong, wrong
+
+
+# ----------------------------------------------------------------------------- renamed keys
+
+def test_an_old_config_yaml_with_ray_backend_loads_under_executor():
+    old = to_dict(Config())
+    old.pop("executor")
+    old["ray"]["backend"] = "local"  # config.yaml as runs wrote it before the rename
+    cfg = from_dict(old)
+    assert cfg.executor == "local" and "backend" not in to_dict(cfg)["ray"]
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("overrides", [["ray.backend=local", "executor=ray"], ["executor=ray", "ray.backend=local"]])
+def test_old_and_new_name_together_are_refused_naming_the_new_key(overrides):
+    with pytest.raises(ConfigError, match=r"^ray\.backend: renamed executor; give only executor$"):
+        load_config(None, overrides)
+
+
+def test_an_old_sweep_file_loads_with_the_renamed_key(tmp_path):
+    from meerkat_ray.sweep import load_sweep
+
+    path = tmp_path / "old.yaml"
+    path.write_text("base:\n  fed: {rounds: 1}\n  ray: {backend: local, cpus_per_client: 0.5}\n"
+                    "grid:\n  ray.backend: [local, ray]\ntune: {name: old}\n")
+    sweep = load_sweep(path)
+    assert sorted(p["executor"] for p in sweep.points) == ["local", "ray"]
+    assert all(cfg.ray.cpus_per_client == 0.5 for cfg in sweep.configs)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 T, ROUNDS, K = 4, 3, 4
 COMMON = [
-    "model.name=tiny-llama", "model.num_threads=1", "seed=0", "ray.backend=local",
+    "model.name=tiny-llama", "model.num_threads=1", "seed=0", "executor=local",
     "data.task=tweets2", "data.num_train=160", "data.num_test=32", f"data.num_clients={K}",
     "data.partition=mixed", "data.extreme_fraction=0.5", "data.batch_size=4", "data.max_length=32",
     "mask.density=0.01", "mask.calib_num_seqs=4", "mask.calib_seq_len=32", "mask.calib_batch_size=2",

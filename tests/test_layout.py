@@ -1,5 +1,5 @@
 """The package layout's promises: Ray lives in `meerkat_ray/distributed/` only (the core runs,
-replays and exports without ever importing it), `ray.backend` names come from the executor
+replays and exports without ever importing it), `executor` names come from the executor
 registry alone, and after set-up nothing of size n comes back to the driver of a Ray run."""
 
 import importlib
@@ -31,7 +31,7 @@ from meerkat_ray.cli import main
 from meerkat_ray.replay import replay_run
 from meerkat_ray.runlog import load_theta
 run = sys.argv[3] + "/core"
-codes = [main(["run", *sys.argv[2].split(","), "ray.backend=local", "name=core", "output_dir=" + sys.argv[3], "--quiet"]),
+codes = [main(["run", *sys.argv[2].split(","), "executor=local", "name=core", "output_dir=" + sys.argv[3], "--quiet"]),
          int(not torch.equal(replay_run(run), load_theta(run + "/sparse_final.safetensors"))),
          main(["analyze", run]),
          main(["export", run, sys.argv[3] + "/exported"])]
@@ -58,7 +58,7 @@ def test_the_core_never_imports_ray(tmp_path):
 
 
 def test_backend_names_are_the_executor_registry():
-    assert CHOICES["ray.backend"] == tuple(EXECUTORS) == ("local", "ray")
+    assert CHOICES["executor"] == tuple(EXECUTORS) == ("local", "ray")
     for name, target in EXECUTORS.items():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), name
@@ -91,7 +91,7 @@ def test_after_set_up_nothing_of_size_n_comes_back_to_the_driver(ray_cluster, tm
     monkeypatch.setattr(ray_executor.RayExecutor, "make_server", make_server)
     cfg = load_config(None, [*TINY_RUN, "data.num_train=60", "data.num_clients=3", "data.partition=iid",
                              "mask.kind=full", "fed.rounds=2", "fed.local_steps=2", "vp.enabled=false",
-                             "ray.backend=ray", "ray.num_actors=1", "ray.cpus_per_client=0.5",
+                             "executor=ray", "ray.num_actors=1", "ray.cpus_per_client=0.5",
                              f"output_dir={tmp_path}", "name=ray"])
     summary = run_experiment(cfg, progress=False)
     assert summary["mask_size"] == 73728

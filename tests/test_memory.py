@@ -42,7 +42,7 @@ def server_retained_bytes(K: int, rounds: int, vp: bool) -> list[int]:
     a federation of K clients x T = 2 steps, with results made up here (no model)."""
     cfg = load_config(None, ["model.name=tiny-llama", f"data.num_clients={K}", "fed.local_steps=2",
                              f"fed.rounds={rounds}", f"vp.enabled={str(vp).lower()}", "vp.calibration=rounds",
-                             "vp.calib_steps=4", "ray.backend=local"])
+                             "vp.calib_steps=4", "executor=local"])
     n = 1024
     gen = torch.Generator().manual_seed(0)
     server = Server(cfg, torch.zeros(n), torch.randn(n, generator=gen), [8] * K)
@@ -85,7 +85,7 @@ def test_a_client_actor_serves_1000_clients_in_the_memory_of_10(ray_cluster):
     for K in (10, 1000):
         cfg = load_config(None, [*TINY_RUN, "data.num_train=2000", f"data.num_clients={K}", "data.partition=iid",
                                  "data.batch_size=2", "mask.kind=full", "fed.rounds=3", "fed.local_steps=1",
-                                 "vp.enabled=false", "ray.backend=ray", "ray.num_actors=1", "ray.cpus_per_client=1",
+                                 "vp.enabled=false", "executor=ray", "ray.num_actors=1", "ray.cpus_per_client=1",
                                  "ray.task_events=false"])
         data = prepare_data(cfg)
         executor = RayExecutor(cfg, data)

@@ -31,7 +31,7 @@ RUN = ["model.name=tiny-llama", "data.task=tweets2", "data.max_length=32", "data
 def calm(tmp_path_factory) -> Path:
     """The fault-free reference: the same federation without Ray."""
     root = tmp_path_factory.mktemp("calm")
-    run_experiment(load_config(None, [*RUN, "ray.backend=local", "model.num_threads=1", "name=calm",
+    run_experiment(load_config(None, [*RUN, "executor=local", "model.num_threads=1", "name=calm",
                                       f"output_dir={root}"]), progress=False)
     return root / "calm"
 
@@ -61,7 +61,7 @@ def test_a_lost_node_shrinks_the_pool_restores_the_server_and_the_pool_regrows(c
     actor left (its replacement cannot be placed, so it holds no work), the server is rebuilt on the
     other node from the last checkpoint, and when a node joins the replacement becomes the second
     actor again. The run ends exactly as a fault-free one without Ray."""
-    proc = scenario("lost-node", tmp_path, *RUN, "ray.backend=ray", "ray.num_actors=2", "ray.gpus_per_client=1",
+    proc = scenario("lost-node", tmp_path, *RUN, "executor=ray", "ray.num_actors=2", "ray.gpus_per_client=1",
                     "ray.cpus_per_client=1", "ray.actor_start_timeout_s=60")
     multi = tmp_path / "multi"
     assert_same_run(calm, multi)
@@ -82,7 +82,7 @@ def test_a_lost_node_shrinks_the_pool_restores_the_server_and_the_pool_regrows(c
 # ----------------------------------------------------------------------------- on the session's cluster
 
 UNPLACEABLE = {"resources": {"no-such-node": 1}}  # what a replacement asks for when no node can take it
-RAY = [*RUN, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5"]
+RAY = [*RUN, "executor=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5"]
 
 
 def lose_in_round(monkeypatch, victims: dict) -> None:
@@ -570,7 +570,7 @@ def test_a_run_at_a_file_uri_is_uploaded_resumed_analyzed_and_exported_from_it(c
 
     monkeypatch.setenv("MEERKAT_RAY_SCRATCH", str(tmp_path / "scratch"))
     store = tmp_path / "store"
-    assert main(["run", *RUN, "ray.backend=local", "model.num_threads=1", "name=calm",
+    assert main(["run", *RUN, "executor=local", "model.num_threads=1", "name=calm",
                  f"output_dir=file://{store}", "--quiet"]) == 0
     assert_same_run(calm, store / "calm")
     assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]

@@ -1,5 +1,5 @@
 """Federation on a real local Ray cluster (one per session, `ray_cluster` in conftest.py):
-ray.backend=ray against ray.backend=local bit for bit, fractional-GPU packing, a lost actor.
+executor=ray against executor=local bit for bit, fractional-GPU packing, a lost actor.
 (1,000 virtual clients on one actor at the memory of 10: tests/test_memory.py.)"""
 
 import time
@@ -27,7 +27,7 @@ def config(*overrides):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("local")
-    run_experiment(config("ray.backend=local", "model.num_threads=1", "name=local", f"output_dir={root}"),
+    run_experiment(config("executor=local", "model.num_threads=1", "name=local", f"output_dir={root}"),
                    progress=False)
     return root / "local"
 
@@ -59,7 +59,7 @@ def run_as_a_tune_trial(ray, cfg):
 @pytest.mark.ray
 @pytest.mark.parametrize("num_actors,as_trial", [(1, True), (2, False)], ids=["1-actor-in-trial-pg", "2-actors"])
 def test_ray_backend_is_bit_identical_to_local(ray_cluster, local_run, tmp_path, num_actors, as_trial):
-    cfg = config("ray.backend=ray", f"ray.num_actors={num_actors}", "ray.cpus_per_client=0.5", "name=ray",
+    cfg = config("executor=ray", f"ray.num_actors={num_actors}", "ray.cpus_per_client=0.5", "name=ray",
                  f"output_dir={tmp_path}")
     summary = run_as_a_tune_trial(ray_cluster, cfg) if as_trial else run_experiment(cfg, progress=False)
     run = tmp_path / "ray"
@@ -74,7 +74,7 @@ def test_ray_backend_is_bit_identical_to_local(ray_cluster, local_run, tmp_path,
 @pytest.fixture(scope="module")
 def round_one():
     """Round-1 plans of a 16-client federation and the results of an in-process worker."""
-    cfg = config("data.num_clients=16", "ray.backend=ray", "ray.num_actors=8", "ray.gpus_per_client=0.25",
+    cfg = config("data.num_clients=16", "executor=ray", "ray.num_actors=8", "ray.gpus_per_client=0.25",
                  "ray.cpus_per_client=0.125", "vp.enabled=false")  # ~7 examples a client: too few to calibrate
     data = prepare_data(cfg)
     lm, mask, theta = prepare_model(cfg, progress=False)
@@ -129,7 +129,7 @@ def test_an_unreachable_address_is_refused_in_seconds(monkeypatch, capsys, tmp_p
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init reached with an unreachable address"))
-    assert main(["run", *RUN, "ray.backend=ray", f"ray.address={address}", f"output_dir={tmp_path}", "--quiet"]) == 2
+    assert main(["run", *RUN, "executor=ray", f"ray.address={address}", f"output_dir={tmp_path}", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ray.address: ") and says in err[0]
 
@@ -144,7 +144,7 @@ def test_a_run_whose_actors_cannot_fit_the_cluster_stops_with_an_error_not_a_wai
     from meerkat_ray.cli import main
 
     rc = main(["run", "--quiet", *TINY_RUN, "data.num_train=40", "data.num_test=4", "vp.enabled=false",
-               "ray.backend=ray", "ray.num_actors=3", "ray.cpus_per_client=1", "ray.actor_setup_timeout_s=2",
+               "executor=ray", "ray.num_actors=3", "ray.cpus_per_client=1", "ray.actor_setup_timeout_s=2",
                f"output_dir={tmp_path}"])
     assert rc == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -23,13 +23,13 @@ from meerkat_ray.runlog import read_metrics
 from meerkat_ray.runner import run_experiment
 
 RUN = [*TINY_RUN, "data.num_train=96", "data.num_clients=4", "data.partition=mixed", "fed.local_steps=2",
-       "vp.calib_steps=2", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0", "ray.backend=local"]
+       "vp.calib_steps=2", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0", "executor=local"]
 CYCLE = [*RUN, "fed.rounds=6", "fed.eval_every=1"]  # one point of the round cycle per round
-RAY = ["ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5"]
+RAY = ["executor=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5"]
 
 
 def local_twin(tmp_path: Path, overrides: list[str], name: str = "calm") -> Path:
-    run_experiment(load_config(None, [*overrides, "ray.backend=local", f"name={name}", f"output_dir={tmp_path}"]),
+    run_experiment(load_config(None, [*overrides, "executor=local", f"name={name}", f"output_dir={tmp_path}"]),
                    progress=False)  # (overrides may name the Ray backend: local wins here)
     return tmp_path / name
 

@@ -80,7 +80,7 @@ def test_the_server_refuses_scalars_above_the_clip():
 
 
 ROBUST = TINY + ["data.num_train=100", "data.num_clients=5", "data.partition=iid", "fed.rounds=2",
-                 "fed.local_steps=3", "fed.eval_every=2", "vp.enabled=false", "ray.backend=local"]
+                 "fed.local_steps=3", "fed.eval_every=2", "vp.enabled=false", "executor=local"]
 ATTACKER = 0
 
 
@@ -207,9 +207,9 @@ def test_client_actors_killed_at_random_change_nothing_but_the_retry_counts(ray_
     are re-run on the other actor or on its replacement. The draws are seeded: the first ten (one
     per client and round at least) contain a kill, so this run really does lose actors."""
     assert (np.random.default_rng(derive_seed(0, "chaos")).random(10) < KILL_PROB).any()
-    run_experiment(load_config(None, [*CHAOS, "ray.backend=local", "name=calm", f"output_dir={tmp_path}"]),
+    run_experiment(load_config(None, [*CHAOS, "executor=local", "name=calm", f"output_dir={tmp_path}"]),
                    progress=False)
-    run_experiment(load_config(None, [*CHAOS, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5",
+    run_experiment(load_config(None, [*CHAOS, "executor=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5",
                                       f"ray.chaos_kill_prob={KILL_PROB}", "name=chaos", f"output_dir={tmp_path}"]),
                    progress=False)
     calm, chaos = tmp_path / "calm", tmp_path / "chaos"
@@ -224,7 +224,7 @@ def test_client_actors_killed_at_random_change_nothing_but_the_retry_counts(ray_
 # ----------------------------------------------------------------------------- killed runs resume
 
 RESUMABLE = TINY + ["data.num_train=96", "data.num_clients=3", "data.partition=mixed", "fed.rounds=30",
-                    "fed.local_steps=2", "fed.eval_every=10", "vp.calib_steps=4", "ray.backend=local"]
+                    "fed.local_steps=2", "fed.eval_every=10", "vp.calib_steps=4", "executor=local"]
 
 
 # A run of 4 rounds (evaluations after rounds 0, 3 and 4) whose round 1 is Meerkat-vp's calibration
@@ -233,7 +233,7 @@ RESUMABLE = TINY + ["data.num_train=96", "data.num_clients=3", "data.partition=m
 # bit as the uninterrupted one.
 KILLABLE = TINY + ["data.num_train=96", "data.num_clients=3", "data.partition=mixed", "fed.rounds=4",
                    "fed.local_steps=2", "fed.eval_every=3", "vp.calibration=first_round", "vp.calib_steps=4",
-                   "ray.backend=local"]
+                   "executor=local"]
 KILLS = {  # kill point -> the round it strikes in
     "atomic-path": 3, "atomic-checkpoint": 3, "after-metrics": 3, "after-checkpoint": 3, "mid-round": 3,
     "evaluation": 3, "calibration": 1, "decision": 1,

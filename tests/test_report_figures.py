@@ -18,7 +18,7 @@ from meerkat_ray.config import load_config
 pytestmark = pytest.mark.slow
 T, CALIB = 3, 6
 DEMO_SHAPED = [  # everything else is the embedded default's: 6 clients (2 single-label), R, eval_every, calibration
-    "model.name=tiny-llama", "model.num_threads=1", "ray.backend=local", "data.num_train=240", "data.num_test=24",
+    "model.name=tiny-llama", "model.num_threads=1", "executor=local", "data.num_train=240", "data.num_test=24",
     "data.batch_size=2", "data.max_length=24", "mask.density=0.01", "mask.calib_num_seqs=2", "mask.calib_seq_len=24",
     "mask.calib_batch_size=2", "zo.lr=1e-2", f"fed.local_steps={T}", f"vp.calib_steps={CALIB}",
 ]

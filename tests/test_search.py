@@ -24,7 +24,8 @@ BASE = """base:
   model: {name: tiny-llama}
   data: {task: tweets2, num_train: 64, num_test: 16, num_clients: 2, batch_size: 4, max_length: 32}
   fed: {rounds: 2}
-  ray: {backend: local, cpus_per_client: 0.5}
+  executor: local
+  ray: {cpus_per_client: 0.5}
 """
 
 

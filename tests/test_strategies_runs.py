@@ -26,7 +26,7 @@ from meerkat_ray.strategies.policies import POLICIES
 pytestmark = pytest.mark.slow
 
 BASE = TINY_RUN + ["data.num_train=64", "data.partition=iid", "fed.local_steps=2", "fed.eval_every=2",
-                   "vp.calib_steps=2", *FLAG_ALL, "ray.backend=local", "seed=0"]
+                   "vp.calib_steps=2", *FLAG_ALL, "executor=local", "seed=0"]
 # policies switched on by a key of their own (not a vp.policy choice): how the table turns each on
 SWITCHED_ON = {"clients_per_round": ["fed.clients_per_round=2"]}
 BASE_CHOICE = {"fed.algorithm": "sparse_zo", "mask.kind": "pretrain_grad", "data.partition": "iid"}  # in BASE already
@@ -102,6 +102,6 @@ def test_a_sampled_run_on_ray_is_bit_identical_to_local(ray_cluster, tmp_path):
 
     sampled = ["data.num_clients=5", "fed.clients_per_round=3", "fed.rounds=2"]
     run(tmp_path, "local", *sampled)
-    run(tmp_path, "ray", *sampled, "ray.backend=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5")
+    run(tmp_path, "ray", *sampled, "executor=ray", "ray.num_actors=2", "ray.cpus_per_client=0.5")
     assert_same_run(tmp_path / "local", tmp_path / "ray")
     assert read_metrics(tmp_path / "ray")[1]["participants"] == documented_draw(0, 1, 5, 3)

@@ -15,7 +15,7 @@ from meerkat_ray.strategies.aggregation import AGGREGATIONS, Mean, make_rule
 from meerkat_ray.strategies.strategy import ServerStrategy, rule_for
 
 BASE = TINY_RUN + ["data.num_train=48", "data.num_clients=3", "data.partition=iid", "fed.rounds=2",
-                   "fed.local_steps=2", "vp.enabled=false", "ray.backend=local", "seed=0"]
+                   "fed.local_steps=2", "vp.enabled=false", "executor=local", "seed=0"]
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from meerkat_ray.cli import main
 TINY = ["model.name=tiny-llama", "model.num_threads=1", "data.task=tweets2", "data.num_train=96", "data.num_test=16",
         "data.num_clients=3", "data.batch_size=4", "data.max_length=32", "mask.calib_num_seqs=2",
         "mask.calib_seq_len=32", "fed.rounds=3", "fed.local_steps=2", "fed.eval_every=2", "vp.calib_steps=2",
-        "ray.backend=local"]
+        "executor=local"]
 SERVER_START_S = 120  # a loaded 2-core machine needs ~20 s
 
 

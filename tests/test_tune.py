@@ -98,7 +98,7 @@ RESUME = ["model.name=tiny-llama", "model.num_threads=1", "data.task=tweets2", "
           "data.num_test=16", "data.num_clients=3", "data.batch_size=4", "data.max_length=32",
           "mask.calib_num_seqs=2", "mask.calib_seq_len=32", "mask.cache=false", "fed.rounds=3",
           "fed.local_steps=2", "vp.calib_steps=2", *FLAG_ALL,
-          "ray.backend=local"]
+          "executor=local"]
 
 
 @pytest.mark.slow

@@ -208,7 +208,7 @@ def test_a_run_with_corrupt_uploads_refuses_them_every_round_and_finishes(monkey
     monkeypatch.setattr(ClientWorker, "run", run)
     cfg = load_config(None, [*TINY_RUN, "data.num_train=80", "data.num_clients=4", "data.partition=iid",
                              "fed.rounds=2", "fed.local_steps=2", "fed.eval_every=2", "vp.enabled=false",
-                             "ray.backend=local", "name=corrupt", f"output_dir={tmp_path}"])
+                             "executor=local", "name=corrupt", f"output_dir={tmp_path}"])
     run_experiment(cfg, progress=False)
     rounds = read_metrics(tmp_path / "corrupt")[1:]
     assert [m["rejected_clients"] for m in rounds] == [[1, 2]] * 2

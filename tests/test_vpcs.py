@@ -45,7 +45,7 @@ def task_dir(tmp_path_factory):
 
 def known(task_dir, out, name, *extra):
     return [
-        "model.name=tiny-llama", "model.num_threads=1", "seed=0", "ray.backend=local",
+        "model.name=tiny-llama", "model.num_threads=1", "seed=0", "executor=local",
         "data.task=sst2", f"data.source={task_dir}", "data.num_test=16", f"data.num_clients={K}",
         "data.partition=mixed", "data.extreme_fraction=0.5", f"data.batch_size={BATCH}", "data.max_length=16",
         "mask.density=0.1", "mask.calib_num_seqs=4", "mask.calib_seq_len=32", "mask.calib_batch_size=2",
@@ -172,7 +172,7 @@ def test_rounds_calibration_keeps_the_old_behaviour(task_dir, tmp_path):
 @pytest.mark.ray
 def test_ray_backend_matches_local_through_the_calibration(ray_cluster, task_dir, tmp_path, first_round):
     run_dir, _ = first_round
-    cfg = load_config(None, known(task_dir, tmp_path, "ray", "ray.backend=ray", "ray.num_actors=2",
+    cfg = load_config(None, known(task_dir, tmp_path, "ray", "executor=ray", "ray.num_actors=2",
                                   "ray.cpus_per_client=0.5"))
     run_experiment(cfg, progress=False)
     for name in ("sparse_final.safetensors",):

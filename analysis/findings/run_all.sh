@@ -35,7 +35,7 @@ run_default() {  # run_default PART NAME [key=value ...]: the embedded default (
   if [[ -f $out/$name/summary.json ]]; then echo "skip $part/$name (done)"; return; fi
   rm -rf "${out:?}/$name"
   echo "== $part/$name"
-  .venv/bin/meerkat-ray run "output_dir=$out" "name=$name" ray.backend=local model.num_threads=1 "$@" --quiet
+  .venv/bin/meerkat-ray run "output_dir=$out" "name=$name" executor=local model.num_threads=1 "$@" --quiet
 }
 
 locked() {  # locked FUNCTION: run a batch of runs while holding the CPU lock

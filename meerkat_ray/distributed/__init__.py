@@ -1,3 +1,3 @@
-"""Everything that imports Ray: the cluster (`cluster`), the `ray.backend=ray` executor (`executor`,
+"""Everything that imports Ray: the cluster (`cluster`), the `executor=ray` executor (`executor`,
 `server_proxy`, `actors`) and Ray Tune sweeps (`tune`). The core reaches it only through the
 executor registry (`executors.py`) and the CLI's `tune` command."""

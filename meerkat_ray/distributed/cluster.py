@@ -3,8 +3,8 @@ holds on it.
 
 `connect` joins `ray.address` (or $RAY_ADDRESS under `ray job submit`) or starts an embedded cluster
 that this process then owns (`disconnect` stops only that). `trial_bundles` lays out one
-federation's placement group: [driver, server actor, client actor 0..A-1] (ray.backend=ray) or one
-bundle in which the trial runs its clients itself (ray.backend=local).
+federation's placement group: [driver, server actor, client actor 0..A-1] (executor=ray) or one
+bundle in which the trial runs its clients itself (executor=local).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def trial_bundles(cfg: Config) -> list[dict]:
     ray backend: [driver, server, client actor 0 .. num_actors-1];
     local backend: one bundle in which the driver also runs every client.
     """
-    if cfg.ray.backend == "local":
+    if cfg.executor == "local":
         return [client_bundle(cfg.ray)]
     return [{"CPU": CONTROL_CPUS}, {"CPU": CONTROL_CPUS}] + [client_bundle(cfg.ray)] * cfg.ray.num_actors
 

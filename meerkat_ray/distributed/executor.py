@@ -1,4 +1,4 @@
-"""`ray.backend=ray`: the executor that spreads virtual clients over client actors.
+"""`executor=ray`: the executor that spreads virtual clients over client actors.
 
 `RayExecutor` has the interface of every executor (`executors.py`), so the one round loop
 (`runner.federate`) drives it; it runs in the driver and is the only place that waits on Ray
@@ -7,7 +7,7 @@ futures. Per round:
     actor takes the next client; `ray.wait` returns whichever finishes first) -> results keyed by
     client id -> the ServerActor -> its SyncMessage, applied by the driver to its own copy of the
     global values and broadcast once to every client actor.
-Bit-identity with ray.backend=local: a client's result depends only on (global values, plan, data,
+Bit-identity with executor=local: a client's result depends only on (global values, plan, data,
 model), never on which actor ran it, and the server aggregates by client id, never by arrival.
 
 Placement: outside Ray Tune, actors are scheduled by their resources. Inside a Tune trial the

@@ -2,7 +2,7 @@
 
 Each trial is one federation (`runner.run_experiment`) inside its own placement group, laid out by
 `cluster.trial_bundles`: the trial's driver, its server actor and its client actors (with
-ray.backend=local, one bundle in which the trial runs its clients itself). Trials come from the
+executor=local, one bundle in which the trial runs its clients itself). Trials come from the
 grid (Tune's grid_search), from Tune's seeded random sampling of `space:` (tune.search=random, mixed
 with the grid) or from Optuna's TPE through Tune's OptunaSearch (tune.search=optuna); Tune keeps
 the searcher's state in the experiment folder, so `--resume` continues the same search. After every round the
@@ -67,7 +67,7 @@ def trial_config(base: dict, point: dict, runs_dir: str, trial_id: str) -> Confi
 def run_trial(params: dict, base: dict, runs_dir: str) -> None:
     """The Tune trainable: one federation that reports and checkpoints after every round."""
     cfg = trial_config(base, params, runs_dir, tune.get_context().get_trial_id())
-    if cfg.ray.backend == "local":  # the clients run in this process: one thread per CPU of its bundle
+    if cfg.executor == "local":  # the clients run in this process: one thread per CPU of its bundle
         torch.set_num_threads(cfg.model.num_threads or max(1, int(cfg.ray.cpus_per_client)))
     resume = None
     checkpoint = tune.get_checkpoint()  # set when Tune retries a failed trial or resumes a sweep
