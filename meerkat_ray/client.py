@@ -49,7 +49,7 @@ class ClientData:
         return collate([self.tokens[i] for i in picked], [self.labels[i] for i in picked], self.pad_id)
 
 
-class WorkerHost:
+class ForwardsToWorker:
     """What hosts a ClientWorker (the in-process executor, a client actor) pass straight through.
 
     Subclasses set `self.worker` (a ClientWorker) and `self.eval_batches` (the test set)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .client import ClientWorker, WorkerHost
+from .client import ClientWorker, ForwardsToWorker
 from .config import Config
 from .executors import FAULT_COUNTERS
 from .experiment import DataSetup, build_worker, prepare_model, test_batches
@@ -13,7 +13,7 @@ from .runlog import theta_digest
 from .server import Server
 
 
-class LocalExecutor(WorkerHost):
+class LocalExecutor(ForwardsToWorker):
     """Runs every virtual client on one in-process worker, sequentially."""
 
     def __init__(self, worker: ClientWorker, eval_batches, mask: Mask, theta0: torch.Tensor):

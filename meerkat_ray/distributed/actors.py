@@ -16,7 +16,7 @@ import os
 import ray
 import torch
 
-from ..client import WorkerHost
+from ..client import ForwardsToWorker
 from ..config import Config
 from ..experiment import DataSetup, build_worker, load_run_model, prepare_mask, test_batches
 from ..mask import Mask
@@ -25,7 +25,7 @@ from ..server import RoundOutcome, Server
 
 
 @ray.remote
-class ClientActor(WorkerHost):
+class ClientActor(ForwardsToWorker):
     def __init__(self, cfg: Config, data: DataSetup, name: str):
         torch.set_num_threads(cfg.model.num_threads or max(1, int(cfg.ray.cpus_per_client)))
         self.cfg, self.data, self.name = cfg, data, name
