@@ -130,7 +130,7 @@ def inference_run(cfg, forwards: int) -> dict:
             return os.getpid()
 
         def run(self, forwards: int) -> None:
-            from meerkat_ray.zo import label_logits
+            from meerkat_ray.scoring import label_logits
 
             for i in range(forwards // 2):
                 batch = self.data.batch(i % len(self.data.client_indices), 0, self.bs)

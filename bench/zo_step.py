@@ -1,6 +1,6 @@
 """One sparse ZO step against its physical limit: two plain forward passes on the same batch.
 
-    ratio_to_two_forwards = median time of zo.zo_step_  /  median time of 2 x zo.label_logits
+    ratio_to_two_forwards = median time of zo.zo_step_  /  median time of 2 x scoring.label_logits
 on one fixed batch of the embedded tweet task (the same forward the step runs: verbalizer logits at
 the last position, logits_to_keep=1). Everything a step adds to its two forwards (drawing z,
 writing theta +- eps z into the model, the update) shows up as the ratio's excess over 1. A second
@@ -95,7 +95,7 @@ def load(args):
 def get_view(lm, kind: str, density: float):
     from meerkat_ray.config import MaskConfig
     from meerkat_ray.mask import get_mask
-    from meerkat_ray.zo import MaskedView
+    from meerkat_ray.masked_view import MaskedView
 
     # pretrain_grad with g_pre is what a Meerkat-vp run caches; a full mask is never worth caching
     cfg = MaskConfig(kind=kind, density=density, cache=kind != "full")
@@ -105,7 +105,8 @@ def get_view(lm, kind: str, density: float):
 
 def time_step(lm, view, batch, label_ids, repeats: int, cuda: bool) -> dict:
     """Medians (seconds) of: 2 forwards, one zo_step_, and the step's parts on their own."""
-    from meerkat_ray.zo import label_logits, perturbation, zo_step_
+    from meerkat_ray.scoring import label_logits
+    from meerkat_ray.zo import perturbation, zo_step_
 
     theta = view.gather()
     two_fwd, step, draw, write = [], [], [], []
@@ -133,7 +134,7 @@ def time_worker(lm, mask, view, tokens, labels, label_ids, args, repeats: int, c
 
     from meerkat_ray.client import ClientData, ClientWorker
     from meerkat_ray.messages import ClientPlan
-    from meerkat_ray.zo import label_logits
+    from meerkat_ray.scoring import label_logits
 
     theta = view.gather()
     data = ClientData(tokens, labels, [np.arange(len(tokens))], seed=0, pad_id=lm.tokenizer.pad_token_id)
@@ -159,7 +160,7 @@ def time_worker(lm, mask, view, tokens, labels, label_ids, args, repeats: int, c
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from meerkat_ray.zo import collate
+    from meerkat_ray.batches import collate
 
     lm, tokens, labels, label_ids = load(args)
     label_ids = label_ids.to(lm.device)

@@ -17,7 +17,9 @@ from .messages import ClientPlan, ClientResult, SyncMessage
 from .seeds import derive_seed
 from .terms import apply_sync_
 from .runlog import theta_digest
-from .zo import Batch, MaskedView, accuracy_and_loss, batch_scores, collate
+from .batches import Batch, collate
+from .masked_view import MaskedView
+from .scoring import accuracy_and_loss, batch_scores
 
 
 class ClientData:

@@ -21,7 +21,8 @@ from .mask import Mask, get_mask
 from .models import TINY_CONFIGS, LoadedModel, _in_hub_cache, _smollm2_folder, load_model
 from .partition import Partition, make_partition
 from .tasks import TaskData, load_task
-from .zo import Batch, MaskedView, collate
+from .batches import Batch, collate
+from .masked_view import MaskedView
 
 
 @dataclass

@@ -16,7 +16,7 @@ def export_model(run_dir: str | Path, out_dir: str | Path) -> Path:
     from .experiment import load_run_model
     from .mask import check_mask, load_mask
     from .runlog import load_theta
-    from .zo import MaskedView
+    from .masked_view import MaskedView
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     for name in ("config.yaml", "mask.safetensors", "sparse_final.safetensors"):

@@ -88,8 +88,8 @@ def tiny_tokens(tiny_lm) -> tuple[list[list[int]], list[int]]:
 
 @pytest.fixture(scope="session")
 def tiny_batch(tiny_lm, tiny_tokens):
-    """One left-padded batch of 4 examples, built with zo.collate."""
-    from meerkat_ray.zo import collate
+    """One left-padded batch of 4 examples, built with batches.collate."""
+    from meerkat_ray.batches import collate
 
     tokens, labels = tiny_tokens
     return collate(tokens[:4], labels[:4], tiny_lm.tokenizer.pad_token_id)

@@ -23,7 +23,7 @@ from meerkat_ray.replay import replay_path, replay_run
 from meerkat_ray.runlog import load_theta, read_metrics, read_path
 from meerkat_ray.runner import run_experiment
 from meerkat_ray.server import Server
-from meerkat_ray.zo import MaskedView
+from meerkat_ray.masked_view import MaskedView
 
 LR = 0.05
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,7 +213,8 @@ LORA_RUN = TINY_RUN + ["data.num_train=96", "data.num_clients=3", "data.partitio
 def test_lora_adapters_start_at_the_pretrained_model_and_a_zo_step_moves_only_them(
         fresh_lm, tiny_lm, tiny_batch, tiny_label_ids):
     from meerkat_ray.algorithms import make_algorithm
-    from meerkat_ray.zo import label_logits, zo_step_
+    from meerkat_ray.scoring import label_logits
+    from meerkat_ray.zo import zo_step_
 
     cfg = load_config(None, [*LORA_RUN, "vp.enabled=true"])
     algorithm = make_algorithm("lora_zo")
@@ -261,7 +262,8 @@ def test_a_lora_zo_run_sends_scalars_replays_and_exports_merged(lora_run, tmp_pa
     from meerkat_ray.mask import load_mask
     from meerkat_ray.models import load_model
     from meerkat_ray.export import export_model
-    from meerkat_ray.zo import collate, label_logits
+    from meerkat_ray.batches import collate
+    from meerkat_ray.scoring import label_logits
 
     k, steps = 3, 2
     metrics = read_metrics(lora_run)[1:]

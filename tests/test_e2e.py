@@ -18,7 +18,7 @@ from meerkat_ray.config import from_dict
 from meerkat_ray.mask import check_mask, load_mask
 from meerkat_ray.replay import replay_path
 from meerkat_ray.runlog import read_metrics, read_path
-from meerkat_ray.zo import MaskedView
+from meerkat_ray.masked_view import MaskedView
 
 pytestmark = pytest.mark.slow
 

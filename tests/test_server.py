@@ -15,7 +15,8 @@ from meerkat_ray.strategies.strategy import VPState
 from meerkat_ray.terms import replay_client_
 from meerkat_ray.server import Server
 from meerkat_ray.strategies.policies import GradIPPolicy, RandomPolicy, RoundView
-from meerkat_ray.zo import MaskedView, perturbation
+from meerkat_ray.masked_view import MaskedView
+from meerkat_ray.zo import perturbation
 
 SIZES = [10, 30, 60]
 

@@ -8,13 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import meerkat_ray.scoring as scoring
 import meerkat_ray.zo as zo
 from meerkat_ray.client import ClientData, ClientWorker
 from meerkat_ray.mask import Mask, eligible_parameters, top_k_mask
 from meerkat_ray.messages import ClientPlan
 from meerkat_ray.seeds import derive_seed, step_seeds
 from meerkat_ray.terms import replay_client_
-from meerkat_ray.zo import MaskedView, perturbation, zo_step_
+from meerkat_ray.masked_view import MaskedView
+from meerkat_ray.zo import perturbation, zo_step_
 
 EPS, LR = 1e-3, 1e-2
 
@@ -197,7 +199,7 @@ def test_replaying_a_client_path_reproduces_its_final_values_bit_for_bit(
 # ----------------------------------------------------------------------------- the estimator
 
 def differentiable_label_logits(model, batch, label_ids):
-    """zo.label_logits without its no_grad (same forward, same positions, logits_to_keep=1)."""
+    """scoring.label_logits without its no_grad (same forward, same positions, logits_to_keep=1)."""
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=position_ids, logits_to_keep=1, use_cache=False)
@@ -221,7 +223,7 @@ def test_mean_zo_estimate_points_along_the_masked_backprop_gradient(fresh_lm, ti
     model, n, num_seeds, eps = fresh_lm.model, 48, 192, 1e-3
     with torch.no_grad():  # the differentiable copy computes exactly what the ZO step measures
         assert torch.equal(differentiable_label_logits(model, tiny_batch, tiny_label_ids),
-                           zo.label_logits(model, tiny_batch, tiny_label_ids))
+                           scoring.label_logits(model, tiny_batch, tiny_label_ids))
     params = eligible_parameters(model)
     for _, p in params:
         p.requires_grad_(True)

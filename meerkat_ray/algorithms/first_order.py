@@ -98,7 +98,7 @@ def masked_sgd_step_(view, theta, batch, label_ids, lr: float):
     import torch
     import torch.nn.functional as F
 
-    from ..zo import verbalizer_logits
+    from ..scoring import verbalizer_logits
 
     view.write_(theta)
     params = dict(view.model.named_parameters())

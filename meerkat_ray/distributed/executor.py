@@ -33,7 +33,7 @@ from ..messages import measured_s
 from ..terms import apply_sync_
 from ..experiment import DataSetup, check_model
 from ..seeds import derive_seed
-from ..zo import accuracy_and_loss
+from ..scoring import accuracy_and_loss
 from .actors import ClientActor, ServerActor
 from .cluster import (CONTROL_CPUS, LOST, NO_TASK_EVENTS, connect, disconnect, federation_demand, node_label,
                       resume_hint, trial_bundles)
