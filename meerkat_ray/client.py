@@ -80,7 +80,7 @@ class ClientWorker:
         self.view = MaskedView(model, mask)
         self.algorithm = make_algorithm(algorithm)
         # g_pre on a worker only where its algorithm computes GradIP itself (first-order under Meerkat-vp)
-        self.g_pre = mask.pretrain_grad if grad_ip and getattr(self.algorithm, "needs_g_pre", False) else None
+        self.g_pre = mask.pretrain_grad if grad_ip and self.algorithm.needs_g_pre else None
         self.theta_global = theta.clone()
         self.data, self.eps, self.batch_size, self.clip = data, eps, batch_size, clip
         self.device = device

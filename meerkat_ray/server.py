@@ -6,7 +6,6 @@ becomes the next global values up to the client algorithm (`algorithms/`, `fed.a
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -16,11 +15,9 @@ import torch
 
 from .algorithms import make_algorithm
 from .algorithms.base import short
-from .algorithms.first_order import NO_SEED
-from .config import Config, round_steps
+from .config import Config
 from .messages import ClientPlan, ClientResult, SyncMessage
 from .runlog import theta_digest
-from .seeds import step_seeds
 from .strategies.aggregation import ClientPath
 from .strategies.strategy import ServerStrategy
 
@@ -80,17 +77,13 @@ class Server:
 
     def plan_round(self, round_: int) -> list[ClientPlan]:
         """Plans for round `round_` (rounds count from 1; 0 is the zero-shot evaluation)."""
-        fed = self.cfg.fed
-        uses_seeds = self.algorithm.uses_seeds  # first-order plans carry no seeds
-        lr = self.cfg.zo.lr if uses_seeds or not fed.fo_lr else fed.fo_lr
+        lr = self.algorithm.lr(self.cfg)
         clients = self.strategy.participants(round_)
         plans = []
         for k in clients:
             steps = self.steps_for(k, round_)
-            seeds = step_seeds(self.cfg.seed, round_, k,
-                               round_steps(self.cfg, round_) if fed.seed_sharing == "round" else steps,
-                               fed.seed_sharing) if uses_seeds else []
-            plans.append(ClientPlan(round=round_, client=k, seeds=seeds, steps=steps, lr=lr,
+            plans.append(ClientPlan(round=round_, client=k, seeds=self.algorithm.plan_seeds(self.cfg, round_, k, steps),
+                                    steps=steps, lr=lr,
                                     cursor=int(self.cursors[k])))
         self.planned = (round_, plans)
         return plans
@@ -161,15 +154,16 @@ class Server:
         return accepted, rejected
 
     def _paths(self, round_: int, accepted, by_client) -> list[ClientPath]:
-        """Each accepted client's virtual path with its weight p_k (0 in a probe round: the replay of
-        path.parquet adds nothing for it; first-order rows carry seed NO_SEED and scalar NaN)."""
+        """Each accepted client's virtual path (as its algorithm logs it) with its weight p_k (0 in a
+        probe round: the replay of path.parquet adds nothing for it)."""
         total = float(sum(self.sizes[p.client] for p in accepted))
-        probe, seedless = self.is_probe(round_), not self.algorithm.uses_seeds
-        return [ClientPath(client=p.client, weight=0.0 if probe else float(self.sizes[p.client]) / total,
-                           seeds=[NO_SEED] * p.steps if seedless else p.seeds[: p.steps],
-                           scalars=[math.nan] * p.steps if seedless else [float(s) for s in by_client[p.client].scalars],
-                           lr=p.lr)
-                for p in accepted]
+        probe = self.is_probe(round_)
+        paths = []
+        for p in accepted:
+            seeds, scalars = self.algorithm.path(p, by_client[p.client])
+            paths.append(ClientPath(client=p.client, weight=0.0 if probe else float(self.sizes[p.client]) / total,
+                                    seeds=seeds, scalars=scalars, lr=p.lr))
+        return paths
 
     def _account(self, round_: int, plans, accepted, rejected, answers, sync, decided_now: bool) -> dict:
         """Bytes and steps into the counters; the server's part of the round's metrics.jsonl record."""

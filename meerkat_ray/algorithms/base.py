@@ -12,8 +12,11 @@ An algorithm is a class registered with `@register("name")`; it has three parts:
 Hooks with defaults (the plain model and the run's mask): `adapt_model(lm, cfg)` changes the model
 every process builds (lora_zo: attaches adapters), `make_mask(lm, cfg, progress)` gives the trained
 coordinates (None = the mask of `mask.*`), `export_model(model)` the model `meerkat-ray export` saves.
-Class attributes say what the run folder can promise: `replayable` (path.parquet and
-sparse_init.safetensors rebuild sparse_final) and `uses_seeds` (plans carry the round's seeds).
+What the server plans and logs for it (defaults: a seeded ZO algorithm): `plan_seeds(cfg, round_,
+client, steps)` the seeds a plan carries, `lr(cfg)` the plans' learning rate, `path(plan, result)`
+the (seeds, scalars) a path.parquet row holds per step. Class attributes say what the run folder
+can promise, `replayable` (path.parquet and sparse_init.safetensors rebuild sparse_final), and
+what the client needs, `needs_g_pre` (the pre-training gradient, to compute GradIP itself).
 
 This module stays light (config validation imports it): torch-level code is imported where used.
 """
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 
 from ..choices import ALGORITHMS as NAMES
 from ..registry import registrar
+from ..schedule import round_steps
+from ..seeds import step_seeds
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
@@ -47,7 +52,21 @@ class LocalOutcome:
 class Algorithm:
     name = ""
     replayable = True
-    uses_seeds = True
+    needs_g_pre = False
+
+    def plan_seeds(self, cfg, round_: int, client: int, steps: int) -> list[int]:
+        """The seed list of a plan: round sharing, the round's list (every client the same, as long as
+        the longest plan of the round); client sharing, the client's own `steps` seeds."""
+        sharing = cfg.fed.seed_sharing
+        return step_seeds(cfg.seed, round_, client, round_steps(cfg, round_) if sharing == "round" else steps,
+                          sharing)
+
+    def lr(self, cfg) -> float:
+        return cfg.zo.lr
+
+    def path(self, plan, result) -> tuple[list[int], list[float]]:
+        """A checked result's steps as path.parquet logs them: their seeds and scalars."""
+        return plan.seeds[: plan.steps], [float(s) for s in result.scalars]
 
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
         raise NotImplementedError

@@ -38,8 +38,16 @@ NO_SEED = -1  # path.parquet's seed for a step that has none
 @register("first_order")
 class FirstOrder(Algorithm):
     replayable = False
-    uses_seeds = False
     needs_g_pre = True  # the client computes GradIP itself when Meerkat-vp runs
+
+    def plan_seeds(self, cfg, round_: int, client: int, steps: int) -> list[int]:
+        return []  # no directions: the plan carries no seeds
+
+    def lr(self, cfg) -> float:
+        return cfg.fed.fo_lr or cfg.zo.lr
+
+    def path(self, plan, result) -> tuple[list[int], list[float]]:
+        return [NO_SEED] * plan.steps, [math.nan] * plan.steps  # logged steps, with nothing to replay
 
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
         losses, grad_ips = [], []

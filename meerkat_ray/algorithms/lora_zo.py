@@ -26,7 +26,6 @@ ADAPTER_WEIGHTS = r"\.lora_[AB]\."  # parameter names of the adapter weights (pe
 @register("lora_zo")
 class LoRAZO(SparseZO):
     replayable = True
-    uses_seeds = True
 
     def adapt_model(self, lm, cfg):
         return attach_adapters(lm, cfg)

@@ -19,7 +19,6 @@ from .base import Algorithm, LocalOutcome, numbers_problem, register
 @register("sparse_zo")
 class SparseZO(Algorithm):
     replayable = True
-    uses_seeds = True
 
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
         from ..zo import perturbations, zo_step_
