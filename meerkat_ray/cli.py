@@ -97,7 +97,7 @@ def cmd_run(args) -> int:
 
 def cmd_tune(args) -> int:
     from .errors import ConfigError
-    from .sweep import load_sweep
+    from .sweep_file import load_sweep
 
     path, overrides = split_items(args.items)
     if path is None:

@@ -136,7 +136,7 @@ class Config:
     name: str = "meerkat-vp-demo"  # run folder name under output_dir
     seed: int = 0                  # every random draw derives from this
     output_dir: str = "runs"       # parent folder of run folders, or a storage URI (s3://, gs://, file://: uploaded every round)
-    executor: str = "ray"          # where clients run: ray (client actors + a server actor, ray.*) | local (sequential, in this process)
+    executor: str = "ray"          # where clients run: ray (client actors + a server actor, ray.*) | local (sequential, in this process); was ray.backend (still read)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)

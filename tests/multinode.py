@@ -123,7 +123,7 @@ def lost_node_sweep(out: Path, overrides: list[str]) -> None:
     from ray import cloudpickle
     from ray.cluster_utils import Cluster
 
-    from meerkat_ray.sweep import load_sweep
+    from meerkat_ray.sweep_file import load_sweep
     from meerkat_ray.distributed.tune import make_tuner, open_sweep_folder, results_table, write_results
 
     os.environ["MEERKAT_TEST_OUT"] = str(out)

@@ -179,7 +179,7 @@ def test_a_first_order_run_on_ray_ends_bit_for_bit_where_the_local_one_does(ray_
 
 
 def test_a_sweep_over_the_algorithm_validates(tmp_path):
-    from meerkat_ray.sweep import load_sweep
+    from meerkat_ray.sweep_file import load_sweep
 
     import yaml
 

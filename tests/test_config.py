@@ -342,7 +342,7 @@ def test_old_and_new_name_together_are_refused_naming_the_new_key(overrides):
 
 
 def test_an_old_sweep_file_loads_with_the_renamed_key(tmp_path):
-    from meerkat_ray.sweep import load_sweep
+    from meerkat_ray.sweep_file import load_sweep
 
     path = tmp_path / "old.yaml"
     path.write_text("base:\n  fed: {rounds: 1}\n  ray: {backend: local, cpus_per_client: 0.5}\n"

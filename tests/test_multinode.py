@@ -337,7 +337,7 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
 
     from meerkat_ray.cli import main
     from meerkat_ray.storage import resolve, uri_join
-    from meerkat_ray.sweep import load_sweep, point_config
+    from meerkat_ray.sweep_file import load_sweep, point_config
 
     venv_bin = str(Path(sys.executable).parent)
     # RAY_AUTH_MODE explicit: otherwise `ray start --head` turns token auth on when ~/.ray/auth_token
@@ -511,7 +511,7 @@ def test_a_sweep_survives_a_lost_node_with_the_results_of_a_fault_free_one(tmp_p
     import pandas as pd
 
     from meerkat_ray.storage import resolve
-    from meerkat_ray.sweep import load_sweep, point_config
+    from meerkat_ray.sweep_file import load_sweep, point_config
 
     sweep_file = str(HERE.parent / "tune_configs" / "smoke.yaml")
     uri = f"file://{tmp_path / 'store'}"

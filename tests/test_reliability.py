@@ -422,7 +422,7 @@ def flaky_trial(params, base, runs_dir):
 def test_a_failed_tune_trial_retries_from_its_checkpoint(ray_cluster, tmp_path):
     from ray import cloudpickle
 
-    from meerkat_ray.sweep import load_sweep, point_config
+    from meerkat_ray.sweep_file import load_sweep, point_config
     from meerkat_ray.distributed.tune import make_tuner, open_sweep_folder
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial process cannot import tests/

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from meerkat_ray.cli import main
-from meerkat_ray.sweep import load_sweep
+from meerkat_ray.sweep_file import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = """base:

@@ -369,7 +369,7 @@ def test_a_resumed_sweep_continues_its_parent_run(tmp_path):
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from meerkat_ray.sweep import load_sweep
+    from meerkat_ray.sweep_file import load_sweep
     from meerkat_ray.tracking import SweepTracking, write_ids
 
     root = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from meerkat_ray.cli import main
 from meerkat_ray.config import load_config
 from meerkat_ray.runlog import load_theta, read_metrics, read_path
 from meerkat_ray.runner import run_experiment
-from meerkat_ray.sweep import load_sweep
+from meerkat_ray.sweep_file import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "tune_configs").glob("*.yaml"))
@@ -216,7 +216,7 @@ def test_a_sweep_whose_driver_is_killed_mid_trial_resumes_to_the_uninterrupted_r
     import sys
     import time
 
-    from meerkat_ray.sweep import load_sweep, point_config
+    from meerkat_ray.sweep_file import load_sweep, point_config
 
     items = [str(ROOT / "tune_configs" / "smoke.yaml"), "grid.fed.local_steps=[2]", "grid.mask.density=[0.001, 0.01]",
              "fed.rounds=3", "mask.cache=false", "model.num_threads=1", "tune.max_concurrent_trials=1",

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     from meerkat_ray.distributed.tune import param_space, searcher
-    from meerkat_ray.sweep import load_sweep
+    from meerkat_ray.sweep_file import load_sweep
 
     folder = Path(args.sweep_dir)
     source = yaml.safe_load((folder / "sweep.yaml").read_text())["source"]

@@ -41,7 +41,7 @@ from ..config import Config, set_dotted
 from ..errors import MeerkatError
 from ..experiment import check_model, prepare_data
 from ..runlog import remove_owned_folder, write_text
-from ..sweep import Sweep, point_config, point_tag
+from ..sweep_file import Sweep, point_config, point_tag
 from ..tracking import SweepTracking, Tracker
 from .cluster import connect, disconnect, federation_demand, trial_bundles
 

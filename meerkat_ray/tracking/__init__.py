@@ -18,12 +18,12 @@ the sweep checked the URI before Ray started. tracking.json in the run folder ke
 runs' ids, so `run --resume` and a resumed sweep continue the same runs.
 
 The modules: `common` (the ids file, warnings, values, figures), `mlflow_run` and `wandb_run` (one
-backend each), `run` (one federation: Tracker, run_tracked) and `sweep` (a sweep's parent run).
+backend each), `run` (one federation: Tracker, run_tracked) and `sweep_run` (a sweep's parent run).
 """
 from .common import TRACKING_FILE, absolute_uri, draw_figures, flat, numbers, read_ids, warn, write_ids
 from .mlflow_run import MlflowRun, experiment_id, mlflow_client
 from .run import ARTIFACTS, Tracker, run_tracked
-from .sweep import CURVES, RUN_STATUS, SweepTracking
+from .sweep_run import CURVES, RUN_STATUS, SweepTracking
 from .wandb_run import WANDB_MODES, WandbRun, check_wandb, wandb_mode
 
 __all__ = ["ARTIFACTS", "CURVES", "RUN_STATUS", "TRACKING_FILE", "WANDB_MODES", "MlflowRun", "SweepTracking",
