@@ -113,9 +113,7 @@ class ClientWorker:
         finally:  # the model must never be left holding a perturbed or local point
             self.view.write_(self.theta_global)
         self.last_theta = theta  # the client's final local values (tests compare them with the server's replay)
-        return ClientResult(round=plan.round, client=plan.client, scalars=out.scalars, losses=out.losses,
-                            worker=self.name, compute_s=time.perf_counter() - start, values=out.values,
-                            grad_ips=out.grad_ips)
+        return self.algorithm.make_result(plan, out, self.name, time.perf_counter() - start)
 
     def evaluate(self, batches: list[Batch]) -> tuple[float, float]:
         return accuracy_and_loss(self.batch_scores(batches))

@@ -5,8 +5,9 @@ values, per-step losses as float32 for monitoring), never the Python object over
 - downlink to each client per round: its ClientPlan + the SyncMessage that turns last round's
   global values into this round's (round sharing: T coefficients; client sharing: K*T seed+coef).
 - uplink from each client per round: its ClientResult (T_k scalars + T_k losses).
-A first-order client (`algorithms/first_order.py`) sends its n masked values instead of scalars
-and receives the new global values (n values) instead of terms: 4 bytes each, counted as such.
+A client algorithm whose uploads or syncs carry more (`algorithms/first_order.py`: the n masked
+values up, the new global values down) defines them as subclasses in its own module, with their
+own byte accounting; the server and the workers only call `payload_bytes` and `replacement`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from typing import Any
 
 WORD = 8  # bytes of an id, a seed or a float64 scalar
 LOSS_BYTES = 4  # per-step loss, sent as float32
-VALUE_BYTES = 4  # a masked value (first-order up- and downlink), float32
 
 
 @dataclass
@@ -48,14 +48,11 @@ class ClientResult:
     losses: list[float]            # mean of the two perturbed losses per step
     worker: str = ""               # which worker ran it (diagnostics, not sent)
     compute_s: float = 0.0         # time in the two forwards and the update (diagnostics, not sent)
-    values: Any = None             # first-order only: the client's final masked values (float32 [n])
-    grad_ips: list[float] | None = None  # first-order under Meerkat-vp: GradIP per step, computed by the client
 
     def payload_bytes(self) -> int:
         """Counted for every result, refused ones included, so a malformed field (the server's check
         names it) counts as the numbers it holds, if it is a list or a tensor, else 0."""
-        return (WORD * (2 + entries(self.scalars)) + LOSS_BYTES * entries(self.losses)
-                + VALUE_BYTES * entries(self.values) + WORD * entries(self.grad_ips))
+        return WORD * (2 + entries(self.scalars)) + LOSS_BYTES * entries(self.losses)
 
 
 def entries(value) -> int:
@@ -71,11 +68,12 @@ class SyncMessage:
     round: int                      # the round whose aggregate these terms are
     terms: list[Term] = field(default_factory=list)
     sharing: str = "round"
-    theta: Any = None               # first-order only: the new global values themselves (float32 [n])
+
+    def replacement(self) -> Any:
+        """The new global values whole, for a sync that sends them (None: apply the terms)."""
+        return None
 
     def payload_bytes(self) -> int:
-        if self.theta is not None:
-            return WORD + VALUE_BYTES * self.theta.numel()
         if not self.terms:
             return WORD
         per_term = WORD if self.sharing == "round" else 2 * WORD  # round: seeds already known from the plan

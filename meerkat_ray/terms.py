@@ -35,7 +35,9 @@ def apply_terms_(theta: torch.Tensor, terms: list[Term], on_z=None) -> torch.Ten
 
 def apply_sync_(theta: torch.Tensor, msg) -> torch.Tensor:
     """The global values after one round's SyncMessage: its terms applied to `theta` in place, or
-    (first-order) the new values it carries. Workers and the driver apply syncs with this one function."""
-    if msg.theta is not None:
-        return msg.theta.clone()
+    the new values it carries whole (`SyncMessage.replacement`). Workers and the driver apply syncs
+    with this one function."""
+    values = msg.replacement()
+    if values is not None:
+        return values.clone()
     return apply_terms_(theta, msg.terms)

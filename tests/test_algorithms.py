@@ -18,12 +18,15 @@ from conftest import TINY_RUN, assert_same_run
 from meerkat_ray.client import ClientData, ClientWorker
 from meerkat_ray.config import load_config
 from meerkat_ray.errors import ConfigError, MeerkatError
-from meerkat_ray.messages import ClientPlan, ClientResult, LOSS_BYTES, VALUE_BYTES, WORD
+from meerkat_ray.algorithms.first_order import ValuesResult
+from meerkat_ray.messages import LOSS_BYTES, WORD, ClientPlan
 from meerkat_ray.replay import replay_path, replay_run
 from meerkat_ray.runlog import load_theta, read_metrics, read_path
 from meerkat_ray.runner import run_experiment
 from meerkat_ray.server import Server
 from meerkat_ray.masked_view import MaskedView
+
+VALUE_BYTES = 4  # a masked value sent as float32 (algorithms/first_order.py's byte contract)
 
 LR = 0.05
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,15 +97,15 @@ def test_the_server_averages_the_clients_values_with_their_weights():
     plans = server.plan_round(1)
     assert [p.seeds for p in plans] == [[], []] and plans[0].lr == cfg.zo.lr  # fo_lr 0 = zo.lr
     values = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([5.0, -2.0, 0.0])]
-    results = [ClientResult(1, k, [], [0.5], values=values[k]) for k in range(2)]
+    results = [ValuesResult(1, k, [], [0.5], values=values[k]) for k in range(2)]
     outcome = server.finish_round(1, plans, results)
     expected = (0.25 * values[0].double() + 0.75 * values[1].double()).float()
-    assert torch.equal(server.theta, expected) and torch.equal(outcome.sync.theta, expected)
+    assert torch.equal(server.theta, expected) and torch.equal(outcome.sync.values, expected)
     assert list(outcome.path_rows["seed"]) == [-1, -1] and outcome.path_rows["scalar"].isna().all()
     assert outcome.metrics["uplink_bytes"] == 2 * (2 * WORD + LOSS_BYTES + 3 * VALUE_BYTES)
     # a wrong-sized or non-finite upload is rejected and leaves the values alone
-    bad = [ClientResult(2, 0, [], [0.5], values=torch.ones(2)),
-           ClientResult(2, 1, [], [0.5], values=torch.tensor([1.0, float("nan"), 0.0]))]
+    bad = [ValuesResult(2, 0, [], [0.5], values=torch.ones(2)),
+           ValuesResult(2, 1, [], [0.5], values=torch.tensor([1.0, float("nan"), 0.0]))]
     outcome = server.finish_round(2, server.plan_round(2), bad)
     assert sorted(outcome.metrics["rejected_clients"]) == [0, 1] and torch.equal(server.theta, expected)
 

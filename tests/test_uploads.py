@@ -15,13 +15,14 @@ import pytest
 import torch
 from conftest import TINY_RUN
 
+from meerkat_ray.algorithms.first_order import ValuesResult
 from meerkat_ray.client import ClientWorker
 from meerkat_ray.config import VPConfig, load_config
-from meerkat_ray.strategies.strategy import VPState
 from meerkat_ray.messages import ClientResult
 from meerkat_ray.runlog import read_metrics, read_path
 from meerkat_ray.runner import run_experiment
 from meerkat_ray.server import Server
+from meerkat_ray.strategies.strategy import VPState
 
 N, T, K, BAD = 6, 3, 3, 1  # masked values, local steps, clients, the client whose upload is corrupted
 NAN = float("nan")
@@ -38,7 +39,7 @@ def honest(algorithm: str, plan, grad_ips: list[float] | None = None) -> ClientR
     """What an honest client of `algorithm` uploads for `plan` (numbers made up, shapes exact)."""
     k, losses = plan.client, [0.7] * plan.steps
     if algorithm == "first_order":
-        return ClientResult(plan.round, k, [], losses, values=torch.full((N,), 0.1 * (k + 1)), grad_ips=grad_ips)
+        return ValuesResult(plan.round, k, [], losses, values=torch.full((N,), 0.1 * (k + 1)), grad_ips=grad_ips)
     return ClientResult(plan.round, k, [0.1 * (k + 1) * (-1) ** t for t in range(plan.steps)], losses)
 
 
@@ -63,12 +64,13 @@ ZO = [
     ("a scalar None", lambda r: replace(r, scalars=[0.1, None, 0.3]), "scalars"),
     ("a scalar complex", lambda r: replace(r, scalars=[0.1, 1j, 0.3]), "scalars"),
     ("a scalar NaN", lambda r: replace(r, scalars=[0.1, NAN, 0.3]), "scalars"),
-    ("values, which ZO does not upload", lambda r: replace(r, values=torch.zeros(N)), "values"),
-    ("values not a tensor", lambda r: replace(r, values="theta"), "values"),
-    ("GradIPs, which ZO does not upload", lambda r: replace(r, grad_ips=[1.0] * T), "grad_ips"),
+    ("values, which ZO does not upload", lambda r: ValuesResult(**vars(r), values=torch.zeros(N)), "ValuesResult"),
+    ("values not a tensor", lambda r: ValuesResult(**vars(r), values="theta"), "ValuesResult"),
+    ("GradIPs, which ZO does not upload", lambda r: ValuesResult(**vars(r), grad_ips=[1.0] * T), "ValuesResult"),
 ]
 FIRST_ORDER = [
     ("scalars, which first_order does not upload", lambda r: replace(r, scalars=[0.5] * T), "scalars"),
+    ("a ZO upload", lambda r: ClientResult(r.round, r.client, [0.5] * T, r.losses), "ValuesResult"),
     ("scalars None", lambda r: replace(r, scalars=None), "scalars"),
     ("values None", lambda r: replace(r, values=None), "values"),
     ("values a list", lambda r: replace(r, values=[0.0] * N), "values"),
@@ -202,7 +204,7 @@ def test_a_run_with_corrupt_uploads_refuses_them_every_round_and_finishes(monkey
         if plan.client == 1:
             return replace(result, scalars=None)
         if plan.client == 2:
-            return replace(result, values=self.theta_global.clone())
+            return ValuesResult(**vars(result), values=self.theta_global.clone())
         return result
 
     monkeypatch.setattr(ClientWorker, "run", run)
@@ -212,5 +214,5 @@ def test_a_run_with_corrupt_uploads_refuses_them_every_round_and_finishes(monkey
     run_experiment(cfg, progress=False)
     rounds = read_metrics(tmp_path / "corrupt")[1:]
     assert [m["rejected_clients"] for m in rounds] == [[1, 2]] * 2
-    assert all("scalars" in m["rejected_reasons"]["1"] and "values" in m["rejected_reasons"]["2"] for m in rounds)
+    assert all("scalars" in m["rejected_reasons"]["1"] and "ValuesResult" in m["rejected_reasons"]["2"] for m in rounds)
     assert set(read_path(tmp_path / "corrupt")["client"]) == {0, 3}

@@ -45,8 +45,6 @@ def make_algorithm(name: str) -> Algorithm:
 class LocalOutcome:
     scalars: list[float]                  # one per step (ZO: the projected gradients); empty otherwise
     losses: list[float]                   # one per step
-    values: object = None                 # the client's final masked values (first-order only)
-    grad_ips: list[float] | None = None   # per-step GradIP computed on the client (first-order only)
 
 
 class Algorithm:
@@ -63,6 +61,14 @@ class Algorithm:
 
     def lr(self, cfg) -> float:
         return cfg.zo.lr
+
+    def make_result(self, plan, outcome: LocalOutcome, worker: str, compute_s: float):
+        """The upload of a client's local steps (a ClientResult; an algorithm that sends more
+        defines its own subclass, with its byte accounting)."""
+        from ..messages import ClientResult
+
+        return ClientResult(round=plan.round, client=plan.client, scalars=outcome.scalars, losses=outcome.losses,
+                            worker=worker, compute_s=compute_s)
 
     def path(self, plan, result) -> tuple[list[int], list[float]]:
         """A checked result's steps as path.parquet logs them: their seeds and scalars."""

@@ -28,11 +28,43 @@ refuses such a path and summary.json says `"replayable": false`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
-from ..messages import SyncMessage
+from ..messages import WORD, ClientResult, SyncMessage, entries
 from .base import Algorithm, LocalOutcome, numbers_problem, register, short
 
 NO_SEED = -1  # path.parquet's seed for a step that has none
+VALUE_BYTES = 4  # a masked value up or down, float32
+
+
+@dataclass
+class FirstOrderOutcome(LocalOutcome):
+    values: Any = None                    # the client's final masked values
+    grad_ips: list[float] | None = None   # per-step GradIP computed on the client (Meerkat-vp)
+
+
+@dataclass
+class ValuesResult(ClientResult):
+    """A first-order upload: no scalars, the client's final masked values, and under Meerkat-vp the
+    GradIP of each step (computed by the client)."""
+    values: Any = None                    # float32 [n]
+    grad_ips: list[float] | None = None
+
+    def payload_bytes(self) -> int:
+        return super().payload_bytes() + VALUE_BYTES * entries(self.values) + WORD * entries(self.grad_ips)
+
+
+@dataclass
+class ValuesSync(SyncMessage):
+    """A first-order sync: the new global values themselves."""
+    values: Any = None                    # float32 [n]
+
+    def replacement(self) -> Any:
+        return self.values
+
+    def payload_bytes(self) -> int:
+        return WORD + VALUE_BYTES * self.values.numel()
 
 
 @register("first_order")
@@ -57,13 +89,20 @@ class FirstOrder(Algorithm):
             loss, grad = masked_sgd_step_(worker.view, theta, batch.to(worker.device), worker.label_ids, plan.lr)
             losses.append(loss)
             grad_ips.append(float(g_pre.dot(grad.double())) if g_pre is not None and grad is not None else math.nan)
-        return LocalOutcome(scalars=[], losses=losses, values=theta, grad_ips=grad_ips if g_pre is not None else None)
+        return FirstOrderOutcome(scalars=[], losses=losses, values=theta,
+                                 grad_ips=grad_ips if g_pre is not None else None)
+
+    def make_result(self, plan, outcome: FirstOrderOutcome, worker: str, compute_s: float) -> ValuesResult:
+        return ValuesResult(round=plan.round, client=plan.client, scalars=[], losses=outcome.losses, worker=worker,
+                            compute_s=compute_s, values=outcome.values, grad_ips=outcome.grad_ips)
 
     def check_upload(self, plan, result, n: int, clip: float, vp: bool = False) -> str:
         """`plan.steps` finite losses, the n finite masked values (a float32 CPU vector), no scalars,
         and under Meerkat-vp (`vp`) `plan.steps` finite GradIPs, else none."""
         import torch
 
+        if not isinstance(result, ValuesResult):
+            return f"sent a {type(result).__name__}, but {self.name} uploads a ValuesResult (the masked values)"
         if not isinstance(result.scalars, (list, tuple)) or len(result.scalars):
             return f"scalars: {short(result.scalars)}, but {self.name} uploads an empty list"
         reason = numbers_problem("losses", result.losses, plan.steps)
@@ -95,7 +134,7 @@ class FirstOrder(Algorithm):
         for p in sorted(paths, key=lambda p: p.client):
             total.add_(results[p.client].values.double(), alpha=p.weight)
         server.theta = total.float()
-        return SyncMessage(round=round_, theta=server.theta.clone()), grad_ips
+        return ValuesSync(round=round_, values=server.theta.clone()), grad_ips
 
 
 def masked_sgd_step_(view, theta, batch, label_ids, lr: float):

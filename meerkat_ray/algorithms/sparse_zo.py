@@ -12,7 +12,7 @@ no optimizer state), the fp32 master values theta and two z's of n floats.
 """
 from __future__ import annotations
 
-from ..messages import SyncMessage
+from ..messages import ClientResult, SyncMessage
 from .base import Algorithm, LocalOutcome, numbers_problem, register
 
 
@@ -45,9 +45,8 @@ class SparseZO(Algorithm):
             numbers_problem("losses", result.losses, plan.steps)
         if reason:
             return reason
-        for field in ("values", "grad_ips"):
-            if getattr(result, field) is not None:
-                return f"{field}: sent, but {self.name} uploads none"
+        if type(result) is not ClientResult:  # more than scalars and losses: an upload of another algorithm
+            return f"sent a {type(result).__name__}, but {self.name} uploads a ClientResult (scalars and losses)"
         if clip > 0 and any(abs(v) > clip for v in result.scalars):
             return f"scalars: above zo.clip={clip:g}"
         return ""
