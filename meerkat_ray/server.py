@@ -125,7 +125,8 @@ class Server:
         accepted, rejected = self._check_results(plans, answers)
         by_client = {p.client: answers[p.client] for p in accepted}
         paths = self._paths(round_, accepted, by_client)
-        sync, grad_ips_of = self.algorithm.aggregate(self, round_, paths, by_client, self.is_probe(round_))
+        self.theta, sync, grad_ips_of = self.algorithm.aggregate(self.theta, round_, paths, by_client, self.strategy,
+                                                                 self.g_pre, self.is_probe(round_))
         rows = []
         for path in paths:
             grad_ips = grad_ips_of[path.client]

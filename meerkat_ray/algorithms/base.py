@@ -7,8 +7,8 @@ An algorithm is a class registered with `@register("name")`; it has three parts:
 - `check_upload(plan, result, n, clip, vp)`: on the server, why a result is refused ('' = accepted):
   every field of the ClientResult it may carry, and that the fields it does not use are unset
   (`vp`: Meerkat-vp runs; `Server.check_result` has checked the result's type, round and client);
-- `aggregate(server, round_, paths, results, probe)`: on the server, the new global values and the
-  SyncMessage that brings every worker to them, plus each accepted client's GradIP trajectory.
+- `aggregate(theta, round_, paths, results, strategy, g_pre, probe)`: on the server, the new global
+  values and the SyncMessage that brings every worker to them, plus each accepted client's GradIP.
 Hooks with defaults (the plain model and the run's mask): `adapt_model(lm, cfg)` changes the model
 every process builds (lora_zo: attaches adapters), `make_mask(lm, cfg, progress)` gives the trained
 coordinates (None = the mask of `mask.*`), `export_model(model)` the model `meerkat-ray export` saves.
@@ -80,8 +80,11 @@ class Algorithm:
     def check_upload(self, plan, result, n: int, clip: float, vp: bool = False) -> str:
         raise NotImplementedError
 
-    def aggregate(self, server, round_: int, paths, results: dict, probe: bool):
-        """-> (SyncMessage, {client: GradIP per step}); updates server.theta."""
+    def aggregate(self, theta, round_: int, paths, results: dict, strategy, g_pre, probe: bool):
+        """The round's new global values from `theta` (fp32; may be updated in place), the SyncMessage
+        that brings every worker there, and {client: GradIP per step}: from the accepted `paths` and
+        their `results`, the server's `strategy` (its aggregation rule), g_pre (float64, or None) and
+        whether the round is a probe (nothing applied)."""
         raise NotImplementedError
 
     def adapt_model(self, lm, cfg):

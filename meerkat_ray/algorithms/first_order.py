@@ -123,18 +123,18 @@ class FirstOrder(Algorithm):
             return "grad_ips: sent, but Meerkat-vp is off (vp.enabled=false)"
         return ""
 
-    def aggregate(self, server, round_: int, paths, results: dict, probe: bool):
+    def aggregate(self, theta, round_: int, paths, results: dict, strategy, g_pre, probe: bool):
         import torch
 
         grad_ips = {p.client: list(results[p.client].grad_ips) if results[p.client].grad_ips is not None
                     else [math.nan] * len(p.seeds) for p in paths}
         if probe or not paths:  # nothing to apply: every worker keeps its values
-            return SyncMessage(round=round_, terms=[], sharing=server.cfg.fed.seed_sharing), grad_ips
-        total = torch.zeros(server.theta.numel(), dtype=torch.float64)
+            return theta, SyncMessage(round=round_, terms=[], sharing=strategy.cfg.fed.seed_sharing), grad_ips
+        total = torch.zeros(theta.numel(), dtype=torch.float64)
         for p in sorted(paths, key=lambda p: p.client):
             total.add_(results[p.client].values.double(), alpha=p.weight)
-        server.theta = total.float()
-        return ValuesSync(round=round_, values=server.theta.clone()), grad_ips
+        theta = total.float()
+        return theta, ValuesSync(round=round_, values=theta.clone()), grad_ips
 
 
 def masked_sgd_step_(view, theta, batch, label_ids, lr: float):

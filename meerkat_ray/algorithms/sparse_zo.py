@@ -51,7 +51,7 @@ class SparseZO(Algorithm):
             return f"scalars: above zo.clip={clip:g}"
         return ""
 
-    def aggregate(self, server, round_: int, paths, results: dict, probe: bool):
+    def aggregate(self, theta, round_: int, paths, results: dict, strategy, g_pre, probe: bool):
         import math
 
         import torch
@@ -59,19 +59,19 @@ class SparseZO(Algorithm):
         from ..terms import apply_terms_
         from ..zo import perturbations
 
-        terms = server.strategy.terms(paths)
+        terms = strategy.terms(paths)
         dots: dict[int, float] = {}
 
         def on_z(seed: int, z: torch.Tensor) -> None:
-            if server.g_pre is not None:
-                dots[seed] = float(torch.dot(server.g_pre, z.double()))
+            if g_pre is not None:
+                dots[seed] = float(torch.dot(g_pre, z.double()))
 
         if probe:  # GradIP still needs every z; nothing is applied, nothing is sent to sync
             seeds = [t.seed for t in terms]
-            for seed, z in zip(seeds, perturbations(seeds, server.theta.numel())):
+            for seed, z in zip(seeds, perturbations(seeds, theta.numel())):
                 on_z(seed, z)
             terms = []
         else:
-            apply_terms_(server.theta, terms, on_z)
+            apply_terms_(theta, terms, on_z)
         grad_ips = {p.client: [g * dots.get(s, math.nan) for s, g in zip(p.seeds, p.scalars)] for p in paths}
-        return SyncMessage(round=round_, terms=terms, sharing=server.cfg.fed.seed_sharing), grad_ips
+        return theta, SyncMessage(round=round_, terms=terms, sharing=strategy.cfg.fed.seed_sharing), grad_ips
