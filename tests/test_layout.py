@@ -2,6 +2,7 @@
 replays and exports without ever importing it), `executor` names come from the executor
 registry alone, and after set-up nothing of size n comes back to the driver of a Ray run."""
 
+import ast
 import importlib
 import os
 import pickle
@@ -39,10 +40,108 @@ print(codes, sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")
 """
 
 
-def test_the_core_lists_every_module_but_the_distributed_ones():
-    assert {"meerkat_ray.runner", "meerkat_ray.server", "meerkat_ray.local_executor", "meerkat_ray.executors",
-            "meerkat_ray.cli", "meerkat_ray.export"} <= set(CORE)
-    assert not any("distributed" in name for name in CORE)
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the package modules it imports, read from the source with ast (nothing imported):
+    every import counts, those inside functions included, except under `if TYPE_CHECKING:`;
+    `from .x import y` counts `x.y` when that is a module, else `x` (a package means its __init__)."""
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        files[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    graph = {}
+    for name, (path, is_pkg) in files.items():
+        package = name.split(".") if is_pkg else name.split(".")[:-1]
+        found = set()
+
+        def visit(node):
+            if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
+                for child in node.orelse:
+                    visit(child)
+                return
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    found.add(alias.name)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+            for child in ast.iter_child_nodes(node):
+                visit(child)
+
+        visit(ast.parse(path.read_text()))
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of two or more modules (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def strong(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    sys.setrecursionlimit(10_000)
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return out
+
+
+PACKAGE = Path(meerkat_ray.__file__).parent
+
+
+def test_the_package_has_no_import_circle():
+    graph = import_graph(PACKAGE)
+    assert {"meerkat_ray.config", "meerkat_ray.runner", "meerkat_ray.server"} <= set(graph)
+    found = circles(graph)
+    assert not found, "import circles: " + "; ".join(" <-> ".join(group) for group in found)
+
+
+def test_the_circle_finder_sees_lazy_imports_and_skips_type_checking(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .c import x\n")            # lazy: counts
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\nx = 1\n")
+    assert circles(import_graph(pkg)) == []
+    (pkg / "c.py").write_text("def g():\n    from .a import y\nx = 1\n")
+    assert circles(import_graph(pkg)) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_the_config_tree_imports_no_implementation():
+    """What `meerkat_ray.config` reaches, transitively: the ground floor only (no torch-level module,
+    no algorithm, no orchestration), read from the source."""
+    graph = import_graph(PACKAGE)
+    reached, todo = set(), ["meerkat_ray.config"]
+    while todo:
+        for m in graph[todo.pop()] - reached:
+            reached.add(m)
+            todo.append(m)
+    implementations = {"meerkat_ray.algorithms", "meerkat_ray.zo", "meerkat_ray.mask", "meerkat_ray.models",
+                       "meerkat_ray.runner", "meerkat_ray.storage", "meerkat_ray.server", "meerkat_ray.client"}
+    assert not reached & implementations, sorted(reached & implementations)
 
 
 @pytest.mark.slow
