@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from meerkat_ray.cli import main
-from meerkat_ray.config import CHOICES, Config, FedConfig, load_config
+from meerkat_ray.config import CHOICES, Config, load_config
 from meerkat_ray.errors import ConfigError
 from meerkat_ray.gradip import VPCSStats
 from meerkat_ray.messages import ClientResult
