@@ -180,3 +180,12 @@ def run_folder(base: list[str], output_dir, name: str, *extra: str) -> Path:
     cfg = load_config(None, [*base, *extra, f"name={name}", f"output_dir={output_dir}"])
     run_experiment(cfg, progress=False)
     return Path(output_dir) / name
+
+
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -320,7 +320,7 @@ def test_no_module_unpickles_or_executes_loaded_data(module):
 def test_the_embedded_cluster_dashboard_binds_localhost_unless_configured(monkeypatch, host):
     import ray
 
-    from meerkat_ray.distributed import cluster as federation
+    from meerkat_ray.distributed import cluster
     from meerkat_ray.config import RayConfig
 
     seen = {}
@@ -337,7 +337,7 @@ def test_the_embedded_cluster_dashboard_binds_localhost_unless_configured(monkey
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     rc = RayConfig(dashboard_host=host) if host else RayConfig()
     with pytest.raises(Started):
-        federation.connect(rc)
+        cluster.connect(rc)
     assert seen["dashboard_host"] == (host or "127.0.0.1")
     assert RayConfig().dashboard_host == "127.0.0.1"
 

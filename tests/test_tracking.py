@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 
 from meerkat_ray.cli import main
 
@@ -27,12 +27,6 @@ TINY = ["model.name=tiny-llama", "model.num_threads=1", "data.task=tweets2", "da
         "mask.calib_seq_len=32", "fed.rounds=3", "fed.local_steps=2", "fed.eval_every=2", "vp.calib_steps=2",
         "executor=local"]
 SERVER_START_S = 120  # a loaded 2-core machine needs ~20 s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
