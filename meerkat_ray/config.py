@@ -16,12 +16,12 @@ from typing import Any
 
 import yaml
 
-from .config_checks import CHOICES, MLFLOW_URI, PATH_KEYS, RANGES, RENAMED_KEYS, _short, get_key, validate
+from .config_checks import CHOICES, MLFLOW_URI, PATH_KEYS, RANGES, RENAMED_KEYS, _short, get_key, target_names, validate
 from .errors import ConfigError
 from .schedule import round_steps
 from .uris import is_uri, scratch_dir
 
-__all__ = ["CHOICES", "MLFLOW_URI", "PATH_KEYS", "RANGES", "RENAMED_KEYS", "get_key", "round_steps", "validate"]  # re-exported: their homes are config_checks and schedule
+__all__ = ["CHOICES", "MLFLOW_URI", "PATH_KEYS", "RANGES", "RENAMED_KEYS", "get_key", "round_steps", "target_names", "validate"]  # re-exported: their homes are config_checks and schedule
 
 
 @dataclass
@@ -208,11 +208,6 @@ def _build(cls, data: Any, prefix: str):
             kwargs[key] = _coerce(dotted, value, typ)
     return cls(**kwargs)
 
-
-
-def target_names(lora: LoRAConfig) -> list[str]:
-    """lora.targets as a list of module names."""
-    return [name.strip() for name in lora.targets.split(",") if name.strip()]
 
 
 def from_dict(data: dict | None) -> Config:

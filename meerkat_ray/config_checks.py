@@ -158,8 +158,13 @@ def check_algorithm(cfg: Config) -> None:
                               "fed.algorithm=first_order averages the masked values (use fed.aggregation=mean)")
         if cfg.zo.clip > 0:
             raise ConfigError("zo.clip: clips ZO scalars, and fed.algorithm=first_order sends none (set zo.clip=0)")
-    if fed.algorithm == "lora_zo" and not [n for n in cfg.lora.targets.split(",") if n.strip()]:
+    if fed.algorithm == "lora_zo" and not target_names(cfg.lora):
         raise ConfigError("lora.targets: names no module (comma-separated module names, e.g. q_proj,v_proj)")
+
+
+def target_names(lora) -> list[str]:
+    """lora.targets as a list of module names."""
+    return [name.strip() for name in lora.targets.split(",") if name.strip()]
 
 
 def check_calibration(cfg: Config) -> None:

@@ -136,7 +136,7 @@ class Server:
             self.cursors[plan.client] += plan.steps * self.cfg.data.batch_size
         decided_now = self.strategy.end_round(round_, [p.client for p in plans],
                                               {p.client: list(by_client[p.client].losses) for p in accepted},
-                                              {path.client: grad_ips_of[path.client] for path in paths})
+                                              grad_ips_of)
         metrics = self._account(round_, plans, accepted, rejected, answers, sync, decided_now)
         frame = pd.DataFrame(rows, columns=["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"])
         frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64"})

@@ -5,7 +5,7 @@ An algorithm is a class registered with `@register("name")`; it has three parts:
   values `theta` (fp32, mask order, updated in place) on the client's persistent data stream
   (step t reads the batch at `plan.cursor + t * batch_size`, whatever the algorithm);
 - `check_upload(plan, result, n, clip, vp)`: on the server, why a result is refused ('' = accepted):
-  every field of the ClientResult it may carry, and that the fields it does not use are unset
+  every field of the upload it may carry, and that the upload is of its own type (no extra fields)
   (`vp`: Meerkat-vp runs; `Server.check_result` has checked the result's type, round and client);
 - `aggregate(theta, round_, paths, results, strategy, g_pre, probe)`: on the server, the new global
   values and the SyncMessage that brings every worker to them, plus each accepted client's GradIP.
@@ -18,7 +18,7 @@ the (seeds, scalars) a path.parquet row holds per step. Class attributes say wha
 can promise, `replayable` (path.parquet and sparse_init.safetensors rebuild sparse_final), and
 what the client needs, `needs_g_pre` (the pre-training gradient, to compute GradIP itself).
 
-This module stays light (config validation imports it): torch-level code is imported where used.
+This module stays light (the registry and the server import it): torch-level code is imported where used.
 """
 from __future__ import annotations
 
