@@ -7,8 +7,10 @@ cluster, with replacements that ask for a resource no node has."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -177,23 +179,66 @@ def test_unplaceable_replacements_a_client_is_left_out_the_server_stops_the_run_
 
 # ----------------------------------------------------------------------------- Ray Jobs, S3, no shared path
 
+class HoldingS3:
+    """moto's threaded S3 server behind a WSGI wrapper that can run `on_first_checkpoint` (once, in
+    the server's thread) when the first Tune checkpoint is stored, before it answers that upload:
+    the trial that sent it waits for the answer, so whatever the hook does to the trials happens
+    while every one of them is still unfinished."""
+
+    CHECKPOINT = re.compile(r".*/checkpoint_\d+/checkpoint\.safetensors")
+
+    def __init__(self):
+        from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+        self.on_first_checkpoint, self.fired, self._lock = None, threading.Event(), threading.Lock()
+        moto_app = DomainDispatcherApplication(create_backend_app)
+        holding = self
+
+        class Server(ThreadedMotoServer):
+            def _server_entry(self) -> None:
+                from moto.moto_server.threaded_moto_server import MotoRequestHandler
+                from werkzeug.serving import make_server
+
+                self._server = make_server(self._ip_address, self._port, holding.app(moto_app), True,
+                                           request_handler=MotoRequestHandler)
+                self._server_ready_event.set()
+                self._server.serve_forever()
+
+        self.server = Server(ip_address="127.0.0.1", port=0, verbose=False)
+
+    def app(self, inner):
+        def wsgi(environ, start_response):
+            body = list(inner(environ, start_response))
+            query = environ.get("QUERY_STRING", "")
+            stored = (environ["REQUEST_METHOD"] == "PUT" and "partNumber" not in query) or \
+                (environ["REQUEST_METHOD"] == "POST" and "uploadId" in query)  # a whole object, or a multipart one completed
+            if stored and self.CHECKPOINT.fullmatch(environ.get("PATH_INFO", "")):
+                with self._lock:
+                    if not self.fired.is_set() and self.on_first_checkpoint is not None:
+                        self.on_first_checkpoint()
+                        self.fired.set()
+            return body
+        return wsgi
+
+
 @pytest.fixture
 def s3(monkeypatch):
-    """A local S3-compatible server (moto) on 127.0.0.1 and a bucket; yields the sweep URI prefix."""
+    """A local S3-compatible server (moto, `HoldingS3`) on 127.0.0.1 and a bucket; yields the server
+    and the sweep URI prefix."""
     import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
+    holding = HoldingS3()
+    holding.server.start()
+    _, port = holding.server.get_host_and_port()
     for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                        ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(key, value)
     query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
     fs, _ = pafs.FileSystem.from_uri(f"s3://sweeps?{query}&allow_bucket_creation=true")
     fs.create_dir("sweeps")
-    yield f"s3://sweeps/jobs?{query}"
-    server.stop()
+    yield holding, f"s3://sweeps/jobs?{query}"
+    holding.server.stop()
 
 
 class RayCLICluster:
@@ -264,13 +309,40 @@ class RayCLICluster:
                                        raise_on_missing_output=False)
                 if a.state != "DEAD"]
 
+    def processes(self) -> list:
+        """This cluster's processes: those whose command line names its temp folder, and their children."""
+        import psutil
+
+        named = [p for p in psutil.process_iter(["cmdline"]) if self.temp in " ".join(p.info["cmdline"] or [])]
+        return list({p.pid: p for q in named for p in [q, *self._children(q)]}.values())
+
+    def freeze(self, title: str) -> list:
+        """SIGSTOP this cluster's workers whose process title starts with `title` (a Ray worker sets
+        it to `ray::<Class>.<method>`); returns them, for `thaw`."""
+        import psutil
+
+        frozen = []
+        for p in self.processes():
+            with __import__("contextlib").suppress(psutil.Error):
+                if " ".join(p.cmdline()).startswith(title):
+                    p.suspend()
+                    frozen.append(p)
+        return frozen
+
+    @staticmethod
+    def thaw(processes: list) -> None:
+        import psutil
+
+        for p in processes:
+            with __import__("contextlib").suppress(psutil.Error):
+                p.resume()
+
     def stop(self) -> None:
         import time
 
         import psutil
 
-        named = [p for p in psutil.process_iter(["cmdline"]) if self.temp in " ".join(p.info["cmdline"] or [])]
-        mine = list({p.pid: p for q in named for p in [q, *self._children(q)]}.values())
+        mine = self.processes()
         for p in mine:
             with __import__("contextlib").suppress(psutil.Error):
                 p.terminate()
@@ -329,7 +401,6 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     trial equals a straight run, and the worker's scratch folder is left empty."""
     import io
     import os
-    import re
     import time
 
     import pandas as pd
@@ -339,6 +410,7 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     from meerkat_ray.storage import resolve, uri_join
     from meerkat_ray.sweep_file import load_sweep, point_config
 
+    holding, s3_uri = s3
     venv_bin = str(Path(sys.executable).parent)
     # RAY_AUTH_MODE explicit: otherwise `ray start --head` turns token auth on when ~/.ray/auth_token
     # exists (any local ray.init writes one) while a joining worker does not; a 127.0.0.1-only cluster
@@ -347,18 +419,21 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     env.pop("RAY_ADDRESS", None)
     cluster = RayCLICluster(env).head().worker({**env, "MEERKAT_RAY_SCRATCH": str(tmp_path / "worker")})
     sweep_file = str(HERE.parent / "tune_configs" / "smoke.yaml")
-    command = ["--", "meerkat-ray", "tune", sweep_file, *JOB_SWEEP, f"tune.output_dir={s3}"]
-    store = resolve(s3, "s3").child("smoke")
+    command = ["--", "meerkat-ray", "tune", sweep_file, *JOB_SWEEP, f"tune.output_dir={s3_uri}"]
+    store = resolve(s3_uri, "s3").child("smoke")
+    # the trials are frozen the moment the first Tune checkpoint is stored (before its upload is
+    # answered), so `ray job stop` always meets an unfinished sweep however fast the machine is
+    frozen = []
+    holding.on_first_checkpoint = lambda: frozen.extend(cluster.freeze("ray::ImplicitFunc"))
     try:
         assert cluster.job("submit", "--submission-id", "first", "--no-wait", *command).returncode == 0
-        # stop once a trial has a Tune checkpoint at the URI (a round it reported and stored)
-        checkpointed = until(lambda: any(re.fullmatch(r"tune/[^/]+/checkpoint_\d+/checkpoint\.safetensors", f)
-                                         for f in store.files()), 240)
-        assert checkpointed, store.files()
+        assert holding.fired.wait(240), store.files()
+        assert frozen, [" ".join(p.cmdline()) for p in cluster.processes()]
         assert cluster.job("stop", "first").returncode == 0
         status = cluster.job("status", "first")
         assert "stopped" in (status.stdout + status.stderr).lower(), status
         assert not store.is_file("results.parquet")  # it really was interrupted
+        cluster.thaw(frozen)
         first_logs = cluster.job("logs", "first").stdout
         # the first job's trials outlive `ray job stop` for a while: the resumed sweep starts
         # once none of them is left (each attempt has its own scratch folder and claims the
@@ -374,15 +449,16 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
         assert "succeeded" in (status.stdout + status.stderr).lower(), status
         logs = cluster.job("logs", "second").stdout
     finally:
+        cluster.thaw(frozen)
         cluster.stop()
-    assert "smoke" in first_logs and "2 trials ->" in logs and uri_join(s3, "smoke") in logs
+    assert "smoke" in first_logs and "2 trials ->" in logs and uri_join(s3_uri, "smoke") in logs
 
     # the results table, from S3
     local = tmp_path / "results.parquet"
     pafs.copy_files(f"{store.path}/results.parquet", str(local), source_filesystem=store.fs)
     table = pd.read_parquet(local)
     assert len(table) == 2 and (table["status"] == "done").all() and (table["rounds_done"] == 4).all()
-    assert all(str(r).startswith(uri_join(s3, "smoke", "runs").partition("?")[0]) for r in table["run_dir"])
+    assert all(str(r).startswith(uri_join(s3_uri, "smoke", "runs").partition("?")[0]) for r in table["run_dir"])
     # nothing was left on the worker; the driver's node holds only its staging copy of sweep.yaml + results
     assert not [p for p in (tmp_path / "worker").rglob("*") if p.is_file()]
     assert {p.name for p in (tmp_path / "head").rglob("*") if p.is_file()} <= {"sweep.yaml", "results.parquet",
@@ -398,7 +474,7 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     assert pd.read_parquet(io.BytesIO(stored.read_bytes("path.parquet"))).equals(read_path(cfg.run_dir))
 
     # the report from the URI (export and run --resume from a URI: the file:// test below, same code)
-    assert main(["analyze", uri_join(s3, "smoke")]) == 0
+    assert main(["analyze", uri_join(s3_uri, "smoke")]) == 0
     assert store.is_file("analysis/report.html")
 
 
