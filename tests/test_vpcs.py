@@ -98,13 +98,45 @@ def test_vpcs_flags_exactly_the_single_label_clients_after_round_1(first_round):
     decision = metrics[1]
     assert decision["vp_decided"] and decision["calibration"] and decision["flagged_clients"] == single_label
     assert decision["flagging"]["precision"] == 1.0 == decision["flagging"]["recall"]
-    stats = decision["vpcs"]
-    assert sorted(stats) == [str(k) for k in range(K)]
-    for k, s in stats.items():  # the flags follow from the recorded statistics and the thresholds
-        assert (s["rho_later"] > 3 and s["quiet_fraction"] > 0.3) == (int(k) in single_label)
+    assert sorted(decision["vpcs"]) == [str(k) for k in range(K)]
     assert not any(m.get("vp_decided") or m.get("calibration") for m in metrics[2:])
     assert f"VPCS decided after round 1: flagged {single_label}" in output
     assert "precision 1.000, recall 1.000" in output
+
+
+def median(values: list[float]) -> float:
+    ordered, n = sorted(values), len(values)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def test_the_flags_follow_from_round_1_grad_ip_by_the_documented_formulas(first_round):
+    """README (Meerkat-vp, config table): over each client's round-1 trajectory of |GradIP| (N steps),
+    early = the first round(0.2 N) steps, late = the last round(0.5 N); S = median (vp.statistic);
+    reference = median over clients of S(early) (vp.reference=early); rho_later = S(early) / S(late);
+    quiet = share of late steps with |GradIP| < sigma * reference; flagged when rho_later > rho and
+    quiet > min_quiet_fraction. GradIP itself is scalar * <g_pre, z(seed)> (MEERKAT.md section 2)."""
+    run_dir, _ = first_round
+    g_pre = load_file(str(run_dir / "mask.safetensors"))["pretrain_grad"].double()
+    path = pd.read_parquet(run_dir / "path.parquet")
+    calibration = path[path["round"] == 1].sort_values(["client", "step"])
+    for row in calibration.sample(12, random_state=0).itertuples():  # the column holds GradIP
+        z = torch.randn(g_pre.numel(), generator=torch.Generator("cpu").manual_seed(int(row.seed)), dtype=torch.float32)
+        assert row.grad_ip == pytest.approx(row.scalar * float(g_pre @ z.double()), rel=1e-4, abs=1e-9)
+    trajectories = {k: [abs(v) for v in rows["grad_ip"]] for k, rows in calibration.groupby("client")}
+    assert {len(t) for t in trajectories.values()} == {CALIB}
+    n_early, n_late = round(0.2 * CALIB), round(0.5 * CALIB)
+    early = {k: median(t[:n_early]) for k, t in trajectories.items()}
+    late = {k: median(t[-n_late:]) for k, t in trajectories.items()}
+    reference = median(list(early.values()))
+    sigma, rho, min_quiet = 0.5, 3, 0.3  # the thresholds of known()
+    quiet = {k: sum(a < sigma * reference for a in t[-n_late:]) / n_late for k, t in trajectories.items()}
+    expected = sorted(k for k in trajectories if early[k] / late[k] > rho and quiet[k] > min_quiet)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["flagged_clients"] == expected
+    recorded = read_metrics(run_dir)[1]["vpcs"]  # and the statistics the round reports are these
+    for k in trajectories:
+        assert recorded[str(k)]["rho_later"] == pytest.approx(early[k] / late[k], rel=1e-9)
+        assert recorded[str(k)]["quiet_fraction"] == pytest.approx(quiet[k], abs=1e-12)
 
 
 def test_calibration_is_one_uninterrupted_round_and_is_counted_like_any_other(first_round):
