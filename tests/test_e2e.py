@@ -178,13 +178,15 @@ def test_replay_path_reproduces_sparse_final_bit_for_bit(runs):
         assert not torch.equal(final, init)
 
 
-def audit_replay(init: torch.Tensor, path: pd.DataFrame) -> torch.Tensor:
+def audit_replay(init: torch.Tensor, path: pd.DataFrame, location=None) -> torch.Tensor:
     """sparse_final from sparse_init and path.parquet alone, written from the contract only
-    (MEERKAT.md section 3 and path.py's docstring), not from the package's code.
+    (MEERKAT.md section 3 and the aggregation rules' docstrings), not from the package's code.
 
     z(seed) = torch.randn(n, generator=Generator("cpu").manual_seed(seed)); per round, in order:
       round sharing (every client's step t has the same seed): for each step t, one term with
-          coef_t = sum over clients, in id order, of weight * scalar;
+          coef_t = sum over clients, in id order, of weight * scalar (FedAvg); a robust rule
+          (`location`: a list of the scalars of the clients that ran step t, in id order -> one
+          float) instead gives coef_t = W_t * location(scalars), W_t = the sum of their weights;
       client sharing: for each client (id order), each step: coef = weight * scalar;
     and theta <- theta - lr * coef * z, written `theta.add_(z, alpha=-(lr * coef))`: one fp32
     multiply-add (spelling it `theta - (lr * coef) * z` rounds twice and is only allclose).
@@ -197,11 +199,15 @@ def audit_replay(init: torch.Tensor, path: pd.DataFrame) -> torch.Tensor:
             terms = []
             for t in sorted(rnd["step"].unique()):
                 rows = rnd[rnd["step"] == t]
-                coef = 0.0
+                coef, weight = 0.0, 0.0
                 for row in rows.itertuples():
                     coef += row.weight * row.scalar
+                    weight += row.weight
+                if location is not None:
+                    coef = weight * location([float(v) for v in rows["scalar"]])
                 terms.append((int(rows["seed"].iloc[0]), float(rows["lr"].iloc[0]), coef))
         else:
+            assert location is None, "a robust rule needs round-shared seeds"
             terms = [(int(r.seed), r.lr, r.weight * r.scalar) for r in rnd.itertuples()]
         for seed, lr, coef in terms:
             z = torch.randn(n, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)

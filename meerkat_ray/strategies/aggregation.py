@@ -122,7 +122,8 @@ class Median(Location):
 
 @register("trimmed_mean")
 class TrimmedMean(Location):
-    """The mean after dropping the floor(beta * m) lowest and highest of m values (beta = fed.trim_fraction)."""
+    """The mean after dropping the floor(beta * m) lowest and highest of m values (beta = fed.trim_fraction):
+    the correctly rounded sum of the kept values (math.fsum) over their count."""
 
     params = ("trim_fraction",)
 
