@@ -3,6 +3,7 @@ code under test), the per-round client draw against an independent recomputation
 derivation, the server's round under sampling, and the registries as the only list of variant names."""
 
 import hashlib
+from pathlib import Path
 import subprocess
 import sys
 
@@ -17,7 +18,9 @@ from meerkat_ray.gradip import VPCSStats
 from meerkat_ray.messages import ClientResult
 from meerkat_ray.server import Server
 from meerkat_ray.strategies.aggregation import AGGREGATIONS, ClientPath, make_rule
-from meerkat_ray.strategies.policies import POLICIES, ClientSampling, GradIPPolicy, RandomPolicy, RoundView
+from meerkat_ray.strategies.policies import ClientSampling, GradIPPolicy, RandomPolicy, RoundView
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 LR = 0.1
 
@@ -77,12 +80,21 @@ def test_gradip_policy_flags_decay_and_quiet_only_when_the_statistics_arrive():
     assert policy.early_stop(RoundView(2, losses={0: [0.1]}, grad_ips={0: [9.0]})) is None  # no decision: no change
 
 
-def test_random_policy_stops_as_many_from_its_stream():
-    rng = np.random.default_rng(5)
-    flagged = RandomPolicy(Config(), rng).early_stop(RoundView(1, stats=vp_stats()))
-    # two clients (as many as VPCS flags), drawn as documented from the same stream
-    assert flagged == sorted(int(k) for k in np.random.default_rng(5).choice([0, 1, 2, 3], size=2, replace=False))
-    assert RandomPolicy(Config(), rng).early_stop(RoundView(2)) is None
+def test_random_policy_stops_as_many_uniformly_and_only_from_its_stream():
+    """As many clients as VPCS flags (two of four here), each pair of clients equally likely over
+    streams (chi-square over 3000 fixed streams, 5 degrees of freedom, below the 0.1% critical value
+    20.52), and the same stream state gives the same pair (resume and Ray vs local depend on it)."""
+    counts = {}
+    for i in range(3000):
+        flagged = RandomPolicy(Config(), np.random.default_rng(i)).early_stop(RoundView(1, stats=vp_stats()))
+        assert len(flagged) == 2 and set(flagged) <= {0, 1, 2, 3} and flagged == sorted(flagged)
+        counts[tuple(flagged)] = counts.get(tuple(flagged), 0) + 1
+    assert len(counts) == 6
+    chi2 = sum((c - 500) ** 2 / 500 for c in counts.values())
+    assert chi2 < 20.52, counts
+    first, second = (RandomPolicy(Config(), np.random.default_rng(11)) for _ in range(2))
+    assert first.early_stop(RoundView(1, stats=vp_stats())) == second.early_stop(RoundView(1, stats=vp_stats()))
+    assert RandomPolicy(Config(), np.random.default_rng(5)).early_stop(RoundView(2)) is None  # no decision yet
 
 
 # ----------------------------------------------------------------------------- per-round client sampling
@@ -164,14 +176,21 @@ def test_sampling_composes_with_meerkat_vp():
 
 # ----------------------------------------------------------------------------- one name, one place
 
-def test_config_choices_are_the_registries():
-    from meerkat_ray.mask_kinds import MASK_SCORES
-    from meerkat_ray.partition import PARTITIONS
+def test_every_choice_is_documented_in_the_readme_row_of_its_key():
+    import re
 
-    assert CHOICES["fed.aggregation"] == tuple(AGGREGATIONS)
-    assert CHOICES["vp.policy"] == tuple(n for n, p in POLICIES.items() if p.choice_of == "vp.policy")
-    assert CHOICES["mask.kind"] == tuple(MASK_SCORES) and CHOICES["data.partition"] == tuple(PARTITIONS)
-    assert {"clients_per_round"} == {n for n, p in POLICIES.items() if not p.choice_of}
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z_.]+)` \|.*$", README.read_text(), re.M)}
+    for key, names in CHOICES.items():
+        missing = [n for n in names if not re.search(rf"(?<![\w.]){re.escape(n)}(?![\w])", rows[key])]
+        assert not missing, (key, missing)
+
+
+def test_every_named_algorithm_has_its_class():
+    from meerkat_ray import choices
+    from meerkat_ray.algorithms import ALGORITHMS
+
+    assert set(ALGORITHMS) == set(choices.ALGORITHMS)
+    assert all(ALGORITHMS[n].name == n for n in choices.ALGORITHMS)
 
 
 @pytest.mark.parametrize("module", ["meerkat_ray.messages", "meerkat_ray.config", "meerkat_ray.strategies.policies",
