@@ -33,12 +33,12 @@ def gguf_tensors(names) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_the_embedded_model_is_converted_once_to_the_gguf_values_and_then_reused(capfd):
-    """In the session's empty cache: the first load converts (and says so), the fp32 folder holds
+def test_the_embedded_model_is_converted_once_to_the_gguf_values_and_then_reused(capfd, tmp_path, monkeypatch):
+    """In an empty cache of its own: the first load converts (and says so), the fp32 folder holds
     exactly the GGUF file's dequantised values, the model knows a fact, the second load converts nothing."""
+    monkeypatch.setenv("MEERKAT_RAY_CACHE", str(tmp_path / "cache"))
     folder = cache_root(ModelConfig()) / "models" / "smollm2-135m-fp32"
-    if folder.exists():
-        pytest.skip("converted earlier in this session")  # the cache is the session's own, never the user's
+    assert folder.is_relative_to(tmp_path) and not folder.exists()
     lm = load_model(ModelConfig(name="smollm2-135m", device="cpu"))
     assert "converting the embedded SmolLM2-135M" in capfd.readouterr().out
     assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
