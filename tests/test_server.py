@@ -248,7 +248,8 @@ def test_median_statistic_ignores_a_single_heavy_tailed_step():
     # median of [61, 1] is 31 (two early steps), of the late phases 1, 1 and 0.1
     assert [median[k].late for k in (0, 1, 2)] == [1, 1, pytest.approx(0.1)]
     assert median[1].rho_later == 1 and median[2].rho_later == pytest.approx(20)
-    # the population reference is the median of the early statistics (31, 1, 2 -> 2): quiet < 0.5 * 2
+    # the population reference (default vp.reference=late) is the median of the late statistics
+    # (1, 1, 0.1 -> 1): a late step is quiet below vp.sigma (0.55) * 1
     assert [median[k].quiet_fraction for k in (0, 1, 2)] == [0.0, 0.0, 1.0]
 
 
