@@ -1,6 +1,8 @@
-"""Memory that must not grow with the number of virtual clients K or with the rounds: the server's
-retained state (every object reachable from it, in process) and a client actor's RSS on a real Ray cluster, K = 10 vs
-K = 1,000 over several rounds, against the README's flat +-5% target."""
+"""Memory that must not grow with the number of virtual clients K or with the rounds: what the
+server retains (every object reachable from it, in process) and what a client actor retains
+(measured the same way inside the actor, on a real Ray cluster), K = 10 vs K = 1,000 over several
+rounds. (The README's flat +-5% RSS target is a benchmark's, bench/memory.py: two
+processes' RSS differ by more than the platform's own state.)"""
 
 import gc
 import sys
@@ -13,9 +15,6 @@ from conftest import TINY_RUN
 from meerkat_ray.config import load_config
 from meerkat_ray.messages import ClientResult
 from meerkat_ray.server import Server
-
-FLAT = 0.05  # README Performance: memory flat within +-5% from K = 10 to 1,000
-
 
 def reachable_bytes(root) -> int:
     """Bytes of every object reachable from `root` (each counted once; tensors with their storage),
@@ -69,42 +68,52 @@ def test_the_server_holds_no_more_after_many_rounds_than_after_a_few(vp):
         assert retained[-1] - retained[2] < K * 3, (K, retained)
 
 
+def actor_retained_bytes(actor) -> int:
+    """Bytes reachable from the actor's own object, measured inside the actor (`__ray_call__` runs a
+    function there with the actor as its argument; this module is sent by value)."""
+    return reachable_bytes(actor)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_client_actor_serves_1000_clients_in_the_memory_of_10(ray_cluster):
     """The same 2,000 training examples as K = 10 or K = 1,000 virtual clients of one actor, full
     mask (n = 73,728: anything of size n kept per client would add 288 KB each), 3 rounds of T = 1.
-    The actor's RSS after round 1 and after round 3, and K = 1,000 against K = 10, stay within 5%.
-    Ray's own per-task event buffer is switched off (`ray.task_events=false`): with it on, the actor
-    holds ~30 KB more per task of a round (+30-39 MB at K = 1,000), none of it the platform's state."""
-    from meerkat_ray.experiment import prepare_data
+    Measured inside the actor, as everything reachable from it (its model, data and every client's
+    state): from K = 10 to K = 1,000 it grows by less than 1% of one size-n vector (2.9 KB) per
+    added client - what a client may keep is its data indices and a cursor - and from round 1 to
+    round 3 by less than 64 bytes per client (nothing accumulates per round)."""
+    from ray import cloudpickle
+
     from meerkat_ray.distributed.executor import RayExecutor
+    from meerkat_ray.experiment import prepare_data
     from meerkat_ray.runlog import theta_digest
 
-    rss = {}
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    retained = {}
     for K in (10, 1000):
         cfg = load_config(None, [*TINY_RUN, "data.num_train=2000", f"data.num_clients={K}", "data.partition=iid",
                                  "data.batch_size=2", "mask.kind=full", "fed.rounds=3", "fed.local_steps=1",
-                                 "vp.enabled=false", "executor=ray", "ray.num_actors=1", "ray.cpus_per_client=1",
-                                 "ray.task_events=false"])
+                                 "vp.enabled=false", "executor=ray", "ray.num_actors=1", "ray.cpus_per_client=1"])
         data = prepare_data(cfg)
         executor = RayExecutor(cfg, data)
         try:
-            assert executor.mask.n == 73728
+            n = executor.mask.n
+            assert n == 73728
             server = executor.make_server(cfg, executor.theta0, executor.mask.pretrain_grad, data.client_sizes)
-            rss[K] = []
+            retained[K] = []
             theta = executor.theta0.clone()
             for r in range(1, 4):
                 plans = server.plan_round(r)
                 outcome = server.finish_planned(r, executor.run_clients(plans))
                 theta = executor.sync(outcome.sync, theta)
                 assert outcome.metrics["rejected_clients"] == [] and outcome.metrics["local_steps"] == K
-                rss[K].append(executor.actor_info()[0]["rss_bytes"])
+                retained[K].append(ray_cluster.get(executor.actors[0].__ray_call__.remote(actor_retained_bytes)))
             assert executor.theta_digests() == [server.theta_digest()] == [theta_digest(theta)]
         finally:
             executor.close()
-    mib = {K: [round(b / 2**20, 1) for b in v] for K, v in rss.items()}
-    for K, values in rss.items():
-        assert abs(values[-1] - values[0]) / values[0] < FLAT, mib  # flat over the rounds
-    assert abs(rss[1000][-1] - rss[10][-1]) / rss[10][-1] < FLAT, mib  # and in K
-    print("client actor RSS MiB after rounds 1-3:", mib)
+    print("bytes reachable from the client actor after rounds 1-3:", retained)
+    per_client = (retained[1000][-1] - retained[10][-1]) / (1000 - 10)
+    assert per_client < 0.01 * 4 * n, (per_client, retained)
+    for K, values in retained.items():
+        assert values[-1] - values[0] < 64 * K, (K, values)
