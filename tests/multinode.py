@@ -26,7 +26,7 @@ def lost_node(out: Path, overrides: list[str]) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from meerkat_ray.distributed import executor as federation
+    from meerkat_ray.distributed import executor as ray_executor
     from meerkat_ray.config import load_config
     from meerkat_ray.runner import run_experiment
 
@@ -37,7 +37,7 @@ def lost_node(out: Path, overrides: list[str]) -> None:
         cluster.wait_for_nodes()
         events: dict = {"pool": {}}
         executors = []
-        real_init, real_run = federation.RayExecutor.__init__, federation.RayExecutor.run_clients
+        real_init, real_run = ray_executor.RayExecutor.__init__, ray_executor.RayExecutor.run_clients
 
         def init(self, *args, **kwargs):
             real_init(self, *args, **kwargs)
@@ -64,7 +64,7 @@ def lost_node(out: Path, overrides: list[str]) -> None:
                 ready, _ = ray.wait(list(ex.starting), num_returns=len(ex.starting), timeout=120)
                 events["replacements_up"] = len(ready)
 
-        federation.RayExecutor.__init__, federation.RayExecutor.run_clients = init, run_clients
+        ray_executor.RayExecutor.__init__, ray_executor.RayExecutor.run_clients = init, run_clients
         cfg = load_config(None, [*overrides, "name=multi", f"output_dir={out}"])
         run_experiment(cfg, progress=False, on_round=on_round)
         events["server_node_after"] = executors[0].server.node

@@ -14,10 +14,10 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import assert_same_run
 
 from meerkat_ray.config import load_config
-from meerkat_ray.runlog import load_theta, read_metrics, read_path
+from meerkat_ray.runlog import read_metrics, read_path
 from meerkat_ray.executors import FAULT_COUNTERS
 from meerkat_ray.runner import run_experiment
 
@@ -38,22 +38,11 @@ def calm(tmp_path_factory) -> Path:
     return root / "calm"
 
 
-def assert_same_run(a: Path, b: Path) -> None:
-    assert torch.equal(load_theta(a / "sparse_final.safetensors"), load_theta(b / "sparse_final.safetensors"))
-    assert read_path(a).equals(read_path(b))
-    assert timeless(a) == timeless(b)
-
-
 def scenario(name: str, out: Path, *overrides: str, timeout_s: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(HERE / "multinode.py"), name, str(out), *overrides],
                           capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def timeless(run: Path) -> list[dict]:
-    drop = set(FAULT_COUNTERS)
-    return [{k: v for k, v in m.items() if not k.endswith("_s") and k not in drop} for m in read_metrics(run)]
 
 
 @pytest.mark.ray
@@ -66,7 +55,7 @@ def test_a_lost_node_shrinks_the_pool_restores_the_server_and_the_pool_regrows(c
     proc = scenario("lost-node", tmp_path, *RUN, "executor=ray", "ray.num_actors=2", "ray.gpus_per_client=1",
                     "ray.cpus_per_client=1", "ray.actor_start_timeout_s=60")
     multi = tmp_path / "multi"
-    assert_same_run(calm, multi)
+    assert_same_run(calm, multi, ignore=FAULT_COUNTERS)
 
     events = json.loads((tmp_path / "events.json").read_text())
     assert events["killed"]["round"] == 2 and events["killed"]["client_actors_there"] == 1
@@ -173,7 +162,7 @@ def test_unplaceable_replacements_a_client_is_left_out_the_server_stops_the_run_
     command = message.split("`")[1].split()  # the command as printed, pasted
     assert command[:3] == ["meerkat-ray", "run", "--resume"]
     assert main([*command[1:], "--quiet"]) == 0
-    assert_same_run(calm, stored)
+    assert_same_run(calm, stored, ignore=FAULT_COUNTERS)
     assert ray_cluster.is_initialized()
 
 
@@ -648,10 +637,10 @@ def test_a_run_at_a_file_uri_is_uploaded_resumed_analyzed_and_exported_from_it(c
     store = tmp_path / "store"
     assert main(["run", *RUN, "executor=local", "model.num_threads=1", "name=calm",
                  f"output_dir=file://{store}", "--quiet"]) == 0
-    assert_same_run(calm, store / "calm")
+    assert_same_run(calm, store / "calm", ignore=FAULT_COUNTERS)
     assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]
     assert main(["run", "--resume", f"file://{store}/calm", "--quiet"]) == 0  # finished: rewrites the same
-    assert_same_run(calm, store / "calm")
+    assert_same_run(calm, store / "calm", ignore=FAULT_COUNTERS)
     assert main(["analyze", f"file://{store}/calm"]) == 0 and (store / "calm" / "analysis" / "report.html").is_file()
     assert main(["export", f"file://{store}/calm", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
