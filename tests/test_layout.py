@@ -144,6 +144,15 @@ def test_the_config_tree_imports_no_implementation():
     assert not reached & implementations, sorted(reached & implementations)
 
 
+def test_only_the_entry_points_call_into_the_orchestration():
+    """`runner` orchestrates a run and calls down; the modules that import it are the ones above
+    it - the CLI and the Tune trainable - never a layer it calls (tracking gets the run function
+    handed down instead)."""
+    graph = import_graph(PACKAGE)
+    callers = sorted(m for m, imported in graph.items() if "meerkat_ray.runner" in imported)
+    assert callers == ["meerkat_ray.cli", "meerkat_ray.distributed.tune"], callers
+
+
 @pytest.mark.slow
 def test_the_core_never_imports_ray(tmp_path):
     run = [*TINY_RUN, "data.num_train=40", "data.num_clients=2", "fed.rounds=1", "fed.local_steps=2",

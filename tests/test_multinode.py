@@ -242,10 +242,10 @@ class RayCLICluster:
     PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
              "metrics-export-port")
 
-    def __init__(self, env: dict, gcs_port: int = 0):
+    def __init__(self, env: dict, gcs_port: int = 0, temp: str = ""):
         import tempfile
 
-        self.temp = tempfile.mkdtemp(prefix="mrj", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.temp = temp or tempfile.mkdtemp(prefix="mrj", dir="/tmp")  # short: Ray's socket paths have a length limit
         self.env, self.gcs_port = env, gcs_port
         self.ray_bin = str(Path(sys.executable).parent / "ray")
         self.gcs, self.address = (f"127.0.0.1:{gcs_port}" if gcs_port else ""), ""
@@ -465,6 +465,35 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     # the report from the URI (export and run --resume from a URI: the file:// test below, same code)
     assert main(["analyze", uri_join(s3_uri, "smoke")]) == 0
     assert store.is_file("analysis/report.html")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_embedded_cluster_starts_beside_a_running_ray_start_cluster(calm, tmp_path):
+    """ray.address="" (the default, no RAY_ADDRESS) is the run's own embedded cluster, also while a
+    `ray start` cluster runs on the machine: Ray's own lookup would join that one (it finds it
+    through the address file `ray start` leaves in Ray's temp folder) and refuse the CPU count the
+    embedded cluster declares. Ray's temp folder is a private one here (RAY_TMPDIR), so no other
+    Ray on this machine is seen or touched."""
+    import os
+    import tempfile
+
+    private = tempfile.mkdtemp(prefix="mre", dir="/tmp")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "RAY_TMPDIR": private, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cluster = RayCLICluster(env, temp=f"{private}/ray").head()
+    try:
+        assert (Path(private) / "ray" / "ray_current_cluster").is_file()  # what a plain ray.init() finds
+        proc = subprocess.run([sys.executable, "-m", "meerkat_ray", "run", *RUN, "executor=ray", "ray.num_actors=1",
+                               "ray.cpus_per_client=1", "model.num_threads=1", "name=beside", f"output_dir={tmp_path}"],
+                              env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.stop()
+        __import__("shutil").rmtree(private, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Ray: embedded cluster with" in proc.stdout
+    assert_same_run(calm, tmp_path / "beside", ignore=FAULT_COUNTERS)
 
 
 # ----------------------------------------------------------------------------- autoscaling

@@ -292,6 +292,7 @@ def test_run_resume_continues_the_same_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from meerkat_ray.config import load_config
+    from meerkat_ray.runner import run_experiment
     from meerkat_ray.tracking import run_tracked
 
     class Interrupted(Exception):
@@ -304,7 +305,7 @@ def test_run_resume_continues_the_same_mlflow_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = load_config(None, [*TINY, "name=cut", f"output_dir={tmp_path}", f"tracking.mlflow_uri={uri}"])
     with pytest.raises(Interrupted):
-        run_tracked(cfg, progress=False, on_round=stop_after_round_2)
+        run_tracked(cfg, run_experiment, progress=False, on_round=stop_after_round_2)
     run_dir = tmp_path / "cut"
     run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow_run_id"]
     client = MlflowClient(uri)
@@ -327,6 +328,7 @@ def test_a_trial_a_scheduler_stops_is_killed_not_failed_in_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from meerkat_ray.config import load_config
+    from meerkat_ray.runner import run_experiment
     from meerkat_ray.tracking import run_tracked
 
     def stopped_by_the_scheduler(round_, metrics, last, checkpoint):
@@ -336,7 +338,7 @@ def test_a_trial_a_scheduler_stops_is_killed_not_failed_in_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = load_config(None, [*TINY, "name=stopped", f"output_dir={tmp_path}", f"tracking.mlflow_uri={uri}"])
     with pytest.raises(SystemExit):
-        run_tracked(cfg, progress=False, on_round=stopped_by_the_scheduler)
+        run_tracked(cfg, run_experiment, progress=False, on_round=stopped_by_the_scheduler)
     run_id = json.loads((tmp_path / "stopped" / "tracking.json").read_text())["mlflow_run_id"]
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
 

@@ -162,13 +162,10 @@ class Tracker:
             self._guard("W&B", lambda: self.wandb.end(1))
 
 
-def run_tracked(cfg: Config, run=None, resume=None, **kwargs) -> dict:
-    """`run(cfg, resume=..., on_round=..., **kwargs)` (default `runner.run_experiment`) with
-    tracking: started first (a tracking error stops nothing that ran), fed by the round callback,
-    closed with the summary (or the failure)."""
-    if run is None:
-        from ..runner import run_experiment as run
-
+def run_tracked(cfg: Config, run, resume=None, **kwargs) -> dict:
+    """`run(cfg, resume=..., on_round=..., **kwargs)` (the orchestration's `runner.run_stored` or
+    `run_experiment`, handed down by the caller) with tracking: started first (a tracking error
+    stops nothing that ran), fed by the round callback, closed with the summary (or the failure)."""
     tracker = Tracker.start(cfg, strict=True, resumed=resume is not None)
     if not tracker.active:
         return run(cfg, resume=resume, **kwargs)
