@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import ray
 
-    ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
     payload = {"model": args.model, "batch_size": args.batch_size, "max_length": args.max_length}
     try:
         if not args.skip_compare:

@@ -81,7 +81,10 @@ def connect(rc: RayConfig, num_cpus: float = 0.0, num_gpus: float = 0.0, progres
             print(f"Ray: joined the cluster at {address} (dashboard {context.dashboard_url or 'off'})", flush=True)
         return
     cpus = max(os.cpu_count() or 1, math.ceil(num_cpus))
-    context = ray.init(num_cpus=cpus, num_gpus=rc.num_gpus or None, dashboard_host=rc.dashboard_host, **common)
+    # address="local": a new cluster of its own, even where a `ray start` cluster runs on this machine
+    # (without it Ray joins that one, from the address file `ray start` leaves, and refuses num_cpus)
+    context = ray.init(address="local", num_cpus=cpus, num_gpus=rc.num_gpus or None,
+                       dashboard_host=rc.dashboard_host, **common)
     _owned_cluster = True
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if num_gpus > gpus + 1e-9:
