@@ -56,12 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config(args, backend: str, T: int):
     from meerkat_ray.config import load_config
 
-    # vp.calib_steps beyond the run: VPCS never early-stops a client, so every round has K x T steps
+    # VPCS on (GradIP for every step), its calibration round 1 of max(2, T) steps (the warm-up), and a
+    # rho no client reaches: it never early-stops a client, so every round has K x T steps
     return load_config(None, [
         f"model.name={args.model}", "data.task=tweets2", "data.num_train=800", "data.num_test=16",
         f"data.num_clients={args.clients}", "data.partition=iid", f"data.batch_size={args.batch_size}",
         f"data.max_length={args.max_length}", f"fed.local_steps={T}", f"fed.rounds={args.rounds}",
-        f"vp.calib_steps={T * args.rounds + 1}", "name=bench-ray-overhead", *BACKENDS[backend]])
+        f"vp.calib_steps={max(2, T)}", "vp.rho=1e300", "name=bench-ray-overhead", *BACKENDS[backend]])
 
 
 def time_rounds(args, backend: str, T: int) -> dict:
