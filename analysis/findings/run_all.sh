@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run_all.sh - the exact commands behind analysis/findings/README.md, in the order they were run.
 #
-#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 b6 c c2 d d2 e e2 f figures
+#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 b6 c c2 d d2 e e2 f h_dev h_held figures
 #                                               (default: a b b5 b6 c c2 e e2 f figures; d, d2: the old (d))
 #
 # Run from anywhere inside the repository. Run folders go to runs/findings/<part>/ (git-ignored);
@@ -145,6 +145,20 @@ f_seed() {
   run_default f "f-vp-s$1" seed="$1"
   run_default f "f-random-s$1" seed="$1" vp.policy=random
   run_default f "f-meerkat-s$1" seed="$1" vp.enabled=false fed.first_round_steps=30
+}
+
+# (h) 100-step calibration trajectories (round 1 only) for the held-out protocol of (h): the
+# development seeds first, then the held-out settings H1-H3. One run at a time.
+h_run() { run_default h "$@" fed.rounds=1 fed.eval_every=1 vp.calib_steps=100; }
+part_h_dev() { for s in 0 1; do locked h_run "h-default-s$s" seed="$s"; done; }
+part_h_held() {
+  for s in 2 3 4 5 6 7 8 9; do locked h_run "h-default-s$s" seed="$s"; done
+  for s in 0 1 2 3 4; do
+    locked h_run "h-tweets3-s$s" seed="$s" data.task=tweets data.num_clients=8 data.extreme_fraction=0.25
+  done
+  for s in 0 1 2 3 4; do
+    locked h_run "h-a03-s$s" seed="$s" data.num_clients=10 data.alpha=0.3 data.extreme_fraction=0.3
+  done
 }
 
 # Figures and the tables the findings page quotes.
