@@ -86,6 +86,7 @@ class FedConfig:
 class VPConfig:
     enabled: bool = True           # Meerkat-vp: flag extreme non-IID clients from GradIP and early-stop them
     policy: str = "gradip"         # gradip (VPCS) | random (stop as many clients, chosen at random)
+    rule: str = "paper"            # VPCS decision rule: paper (sigma, rho, quiet fraction) | stepwise | trend (strategies/vp_rules.py)
     sigma: float = 0.55            # a step is quiet when |GradIP| < sigma * population reference
     rho: float = 1.0               # flag when |GradIP| early / late (vp.statistic) exceeds rho ...
     min_quiet_fraction: float = 0.5  # ... and the late phase has more than this fraction of quiet steps
@@ -96,6 +97,9 @@ class VPConfig:
     reference: str = "late"        # population reference for "quiet": median over clients of S(late) | S(early)
     early_fraction: float = 0.2    # first part of the calibration trajectory used as the "early" phase
     late_fraction: float = 0.5     # last part used as the "late" phase
+    outlier_z: float = 3.5         # stepwise: flag a robust z of the late relative level below -outlier_z
+    trend_alpha: float = 0.05      # trend: one-sided Mann-Kendall level, Bonferroni over the judged clients
+    min_window: int = 10           # a client whose data holds fewer one-pass steps than this (at most calib_steps) is left out of the decision
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .partition import PARTITIONS
 from .strategies.aggregation import AGGREGATIONS
 from .schedule import round_steps
 from .strategies.policies import POLICIES
+from .strategies.vp_rules import VP_RULES
 
 if TYPE_CHECKING:
     from .config import Config
@@ -32,6 +33,7 @@ CHOICES = {
     "fed.aggregation": tuple(AGGREGATIONS),  # the registries: a new variant is one entry there
     "fed.algorithm": tuple(ALGORITHMS),
     "vp.policy": tuple(name for name, p in POLICIES.items() if p.choice_of == "vp.policy"),
+    "vp.rule": tuple(VP_RULES),
     "vp.calibration": ("first_round", "probe", "rounds"),
     "vp.statistic": ("mean", "median"),
     "vp.reference": ("late", "early"),
@@ -74,6 +76,9 @@ RANGES = [
     ("vp.rho", lambda v: v > 0, "> 0"),
     ("vp.min_quiet_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     ("vp.calib_steps", lambda v: v >= 2, ">= 2"),
+    ("vp.outlier_z", lambda v: v > 0, "> 0"),
+    ("vp.trend_alpha", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    ("vp.min_window", lambda v: v >= 2, ">= 2"),
     ("vp.early_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("vp.late_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("ray.num_actors", lambda v: v >= 1, ">= 1"),
@@ -137,7 +142,7 @@ def validate(cfg: Config) -> Config:
             re.compile(cfg.mask.eligible)
         except re.error as exc:
             raise ConfigError(f"mask.eligible: not a regular expression ({exc})") from None
-    for variant in [*AGGREGATIONS.values(), *POLICIES.values()]:
+    for variant in [*AGGREGATIONS.values(), *POLICIES.values(), *VP_RULES.values()]:
         variant.check(cfg)
     check_algorithm(cfg)
     check_calibration(cfg)

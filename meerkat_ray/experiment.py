@@ -17,6 +17,7 @@ from .algorithms import make_algorithm
 from .client import ClientData, ClientWorker
 from .config import Config
 from .errors import ConfigError, MeerkatError
+from .gradip import calibration_windows, min_window
 from .mask import Mask, get_mask
 from .models import TINY_CONFIGS, LoadedModel, _in_hub_cache, _smollm2_folder, load_model
 from .partition import Partition, make_partition
@@ -56,17 +57,22 @@ def prepare_data(cfg: Config) -> DataSetup:
     return setup
 
 
+MIN_JUDGED = 3  # VPCS compares each client with the population of judged clients
+
+
 def check_calibration_data(cfg: Config, sizes: list[int]) -> None:
-    """VPCS must not read a client's own data twice during calibration: a client that cycles its few
-    examples collapses its local loss like a single-label client and would be flagged for its size."""
+    """VPCS judges each client on its first pass over its data (`gradip.calibration_windows`); a
+    client whose pass is under vp.min_window steps is left out of the decision (named at the
+    decision). Refused only when fewer than MIN_JUDGED clients could be judged at all."""
     if not cfg.vp.enabled:
         return
-    need = cfg.vp.calib_steps * cfg.data.batch_size
-    small = min(range(len(sizes)), key=lambda k: sizes[k])
-    if sizes[small] < need:
-        raise ConfigError(f"vp.calib_steps: {cfg.vp.calib_steps} calibration steps of data.batch_size "
-                          f"{cfg.data.batch_size} read {need} examples per client, but client {small} has only "
-                          f"{sizes[small]}; lower vp.calib_steps or data.batch_size, or use fewer clients")
+    windows = calibration_windows(sizes, cfg.data.batch_size, cfg.vp.calib_steps)
+    short = [k for k, w in enumerate(windows) if w < min_window(cfg.vp)]
+    if len(sizes) - len(short) < MIN_JUDGED:
+        why = ", ".join(f"client {k} holds {sizes[k]} examples ({windows[k]} steps)" for k in short)
+        raise ConfigError(f"vp.min_window: VPCS needs {MIN_JUDGED} clients whose data fills vp.min_window="
+                          f"{min_window(cfg.vp)} steps of data.batch_size {cfg.data.batch_size}, but {why}; "
+                          "use fewer clients, a smaller data.batch_size or vp.min_window, or vp.enabled=false")
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

@@ -11,10 +11,11 @@ VPCS on each client's calibration trajectory a_t = |GradIP_k^t|, t < calib_steps
              model's label bias is corrected, so the late level of the population is the fair yardstick)
     rho_later_k = S(early_k) / S(late_k)
     quiet_k     = fraction of late steps with a_t < sigma * ref
-A client is flagged extreme non-IID when rho_later_k > rho and quiet_k > min_quiet_fraction; it is
+The paper's rule (`vp.rule=paper`) flags a client extreme non-IID when rho_later_k > rho and
+quiet_k > min_quiet_fraction; the other rules are in `strategies/vp_rules.py`. A flagged client is
 then early-stopped (1 local step per round instead of T). Who is stopped is decided by the
-`vp.policy` object (`strategies/policies.py`: gradip = these flags, random = as many at random);
-this module collects the trajectories and computes the statistics the policies read.
+`vp.policy` object (`strategies/policies.py`: gradip = the rule's flags, random = as many at random);
+this module computes the statistics and each client's calibration window.
 
 Left out of the decision (judged by no one, never flagged, and named with the reason in the
 deciding round's metrics, `vpcs_left_out_clients` / `vpcs_left_out_reasons`): a client with fewer
@@ -54,30 +55,38 @@ def phase_lengths(steps: int, early_fraction: float, late_fraction: float) -> tu
     return early, late
 
 
+def calibration_windows(sizes: list[int], batch_size: int, calib_steps: int) -> list[int]:
+    """Per client, the calibration steps VPCS judges it on: W_k = min(calib_steps, floor(n_k / B)),
+    the steps that read each of its n_k examples at most once (a client cycling a few examples
+    collapses its loss like a single-label one)."""
+    return [min(calib_steps, int(n) // batch_size) for n in sizes]
+
+
+def min_window(cfg: VPConfig) -> int:
+    """The fewest window steps a judged client has: vp.min_window, at most the calibration itself."""
+    return min(cfg.min_window, cfg.calib_steps)
+
+
 def vpcs_statistics(trajectories: dict[int, np.ndarray], cfg: VPConfig) -> dict[int, VPCSStats]:
-    """Per client (rho_later, quiet fraction) from |GradIP| trajectories of equal length."""
+    """Per client (rho_later, quiet fraction) from its |GradIP| trajectory (its window: phases are
+    measured on each client's own length, the same for all in the usual case)."""
     if not trajectories:
         return {}
     absolute = {k: np.abs(np.asarray(v, dtype=np.float64)) for k, v in trajectories.items()}
-    steps = min(len(v) for v in absolute.values())
-    n_early, n_late = phase_lengths(steps, cfg.early_fraction, cfg.late_fraction)
     summarise = STATISTICS[cfg.statistic]
-    early = {k: summarise(v[:n_early]) for k, v in absolute.items()}
-    late = {k: summarise(v[steps - n_late: steps]) for k, v in absolute.items()}
+    lengths = {k: phase_lengths(len(v), cfg.early_fraction, cfg.late_fraction) for k, v in absolute.items()}
+    early = {k: summarise(v[:lengths[k][0]]) for k, v in absolute.items()}
+    late = {k: summarise(v[len(v) - lengths[k][1]:]) for k, v in absolute.items()}
     reference = float(np.median(list((late if cfg.reference == "late" else early).values())))
     stats = {}
     for k, v in absolute.items():
         rho_later = early[k] / late[k] if late[k] > 0 else float("inf")
-        quiet = float((v[steps - n_late: steps] < cfg.sigma * reference).mean())
+        quiet = float((v[len(v) - lengths[k][1]:] < cfg.sigma * reference).mean())
         stats[k] = VPCSStats(rho_later, quiet, early[k], late[k])
     return stats
 
 
 STATISTICS = {"mean": lambda a: float(np.mean(a)), "median": lambda a: float(np.median(a))}
-
-
-def gradip_flags(stats: dict[int, VPCSStats], cfg: VPConfig) -> list[int]:
-    return sorted(k for k, s in stats.items() if s.rho_later > cfg.rho and s.quiet_fraction > cfg.min_quiet_fraction)
 
 
 def flag_quality(flagged: list[int], extreme: list[int]) -> dict:

@@ -177,8 +177,9 @@ def vpcs_scalars(metrics: dict) -> dict:
         return out
     flagged = set(metrics.get("flagged_clients") or [])
     for client, stats in (metrics.get("vpcs") or {}).items():
-        out[f"vpcs/rho_later/client_{client}"] = stats.get("rho_later")
-        out[f"vpcs/quiet_fraction/client_{client}"] = stats.get("quiet_fraction")
+        for name in ("rho_later", "quiet_fraction", "level", "z", "trend_z"):  # those of the run's vp.rule
+            if name in stats:
+                out[f"vpcs/{name}/client_{client}"] = stats[name]
         out[f"vpcs/flagged/client_{client}"] = float(int(client) in flagged)
     flagging = metrics.get("flagging") or {}
     out["vpcs/precision"], out["vpcs/recall"] = flagging.get("precision"), flagging.get("recall")

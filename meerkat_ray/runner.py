@@ -159,15 +159,16 @@ def steps_reported(result) -> int:
 
 def decision_line(round_: int, metrics: dict, extreme_clients: list[int] | None) -> str:
     stats = metrics.get("vpcs") or {}
-    rho = " ".join(f"{k}:{s['rho_later']:.2f}/{s['quiet_fraction']:.2f}" for k, s in stats.items())
+    names = list(next(iter(stats.values()), {}))[:2]  # the rule's first two statistics
+    per_client = " ".join(f"{k}:" + "/".join(f"{s[n]:.2f}" for n in names) for k, s in stats.items())
     line = f"VPCS decided after round {round_}: flagged {metrics['flagged_clients']}"
     if extreme_clients is not None:
         f = metrics["flagging"]
         line += f" (truly extreme {extreme_clients}: precision {_fmt(f['precision'])}, recall {_fmt(f['recall'])})"
     left_out = metrics.get("vpcs_left_out_reasons") or {}
     if left_out:
-        line += "\n  left out (no finite calibration trajectory): " + ", ".join(f"{k} ({why})" for k, why in left_out.items())
-    return line + f"\n  per client rho_later/quiet: {rho}"
+        line += "\n  left out of the decision: " + ", ".join(f"{k} ({why})" for k, why in left_out.items())
+    return line + f"\n  per client {'/'.join(names)}: {per_client}"
 
 
 def _fmt(value) -> str:

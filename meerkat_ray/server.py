@@ -36,7 +36,7 @@ class Server:
         self.g_pre = g_pre.double() if g_pre is not None else None
         self.sizes = np.asarray(client_sizes, dtype=np.int64)
         self.cursors = np.zeros(len(client_sizes), dtype=np.int64)
-        self.strategy = ServerStrategy(cfg, len(client_sizes))
+        self.strategy = ServerStrategy(cfg, len(client_sizes), list(client_sizes))
         self.algorithm = make_algorithm(cfg.fed.algorithm)
         self.uplink_bytes = 0
         self.downlink_bytes = 0
@@ -193,7 +193,7 @@ class Server:
         if len(plans) < self.num_clients:  # a sampled round
             metrics["participants"] = [p.client for p in plans]
         if decided_now:  # the decision, visible in the round it is made
-            metrics["vpcs"] = {str(k): vars(st) for k, st in sorted(self.vp.stats.items())}
+            metrics["vpcs"] = {str(k): dict(st) for k, st in sorted(self.vp.stats.items())}
             metrics["vpcs_left_out_clients"] = sorted(self.vp.left_out)  # judged by no one, not flagged
             metrics["vpcs_left_out_reasons"] = {str(k): v for k, v in sorted(self.vp.left_out.items())}
             metrics["vp_calib_steps"] = self.cfg.vp.calib_steps

@@ -74,6 +74,9 @@ BOUNDS = {
     "vp.rho": ([1e-9], [0.0]),
     "vp.min_quiet_fraction": ([0.0, 1.0], [-0.01, 1.01]),
     "vp.calib_steps": ([2], [1]),                                   # an early and a late phase
+    "vp.outlier_z": ([1e-9], [0.0]),
+    "vp.trend_alpha": ([1e-9, 0.5], [0.0, 1.0]),
+    "vp.min_window": ([2], [1]),                                    # at most vp.calib_steps (30)
     "vp.early_fraction": ([0.01, 0.5], [0.0, 1.0]),                 # with late_fraction 0.5: at most 0.5
     "vp.late_fraction": ([0.01, 0.8], [0.0, 1.0]),                  # with early_fraction 0.2: at most 0.8
     "ray.num_actors": ([1], [0]),
@@ -97,6 +100,7 @@ CONTRACT_CHOICES = {
     "fed.aggregation": {"mean", "median", "trimmed_mean"},
     "fed.algorithm": {"sparse_zo", "first_order", "lora_zo"},
     "vp.policy": {"gradip", "random"},
+    "vp.rule": {"paper", "stepwise", "trend"},
     "vp.calibration": {"first_round", "probe", "rounds"},
     "vp.statistic": {"mean", "median"},
     "vp.reference": {"late", "early"},

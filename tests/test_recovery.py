@@ -338,8 +338,8 @@ def test_a_stored_run_cut_short_in_its_first_upload_is_started_again_not_refused
 
 
 def calibration_too_long() -> list[str]:
-    """Valid keys that only the data can refuse: 30 calibration steps of 4 read more than a client holds."""
-    return ["vp.calib_steps=30"]
+    """Valid keys that only the data can refuse: no client's ~24 examples fill 30 one-pass steps of 4."""
+    return ["vp.calib_steps=30", "vp.min_window=30"]
 
 
 @pytest.mark.slow
@@ -358,7 +358,7 @@ def test_overwrite_keeps_the_stored_run_when_the_new_run_is_refused(tmp_path, mo
     capsys.readouterr()
     assert main([*args, *calibration_too_long(), "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: vp.calib_steps"), err
+    assert len(err) == 1 and err[0].startswith("error: vp.min_window"), err
     assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 

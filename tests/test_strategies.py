@@ -68,10 +68,10 @@ def test_robust_rules_refuse_client_sharing_in_code_and_in_config(rule):
 
 # ----------------------------------------------------------------------------- early-stop policies
 
-def vp_stats() -> dict[int, VPCSStats]:
+def vp_stats() -> dict[int, dict]:
     """Against the defaults rho = 1, min_quiet_fraction = 0.5 (both strict): clients 0 and 3 pass."""
-    return {0: VPCSStats(3.0, 0.8, 3.0, 1.0), 1: VPCSStats(0.9, 0.9, 0.9, 1.0),
-            2: VPCSStats(5.0, 0.5, 5.0, 1.0), 3: VPCSStats(1.5, 0.6, 1.5, 1.0)}
+    return {0: vars(VPCSStats(3.0, 0.8, 3.0, 1.0)), 1: vars(VPCSStats(0.9, 0.9, 0.9, 1.0)),
+            2: vars(VPCSStats(5.0, 0.5, 5.0, 1.0)), 3: vars(VPCSStats(1.5, 0.6, 1.5, 1.0))}
 
 
 def test_gradip_policy_flags_decay_and_quiet_only_when_the_statistics_arrive():
@@ -159,7 +159,7 @@ def test_sampling_composes_with_meerkat_vp():
     that flag all), and from round 2 a flagged client runs 1 step whenever it is sampled."""
     cfg = load_config(None, ["data.num_clients=4", "fed.clients_per_round=2", "fed.local_steps=2", "seed=2",
                              "vp.calib_steps=2", "vp.rho=1e-6", "vp.sigma=1e6", "vp.min_quiet_fraction=0"])
-    server = Server(cfg, torch.zeros(16), torch.ones(16), [10, 10, 10, 10])
+    server = Server(cfg, torch.zeros(16), torch.ones(16), [16, 16, 16, 16])  # 2 calibration steps of batch 8 each
     calibrated, sampled_flagged = documented_draw(2, 1, 4, 2), 0
     for r in range(1, 7):
         plans = server.plan_round(r)

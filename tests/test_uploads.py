@@ -155,7 +155,7 @@ def test_vpcs_leaves_out_a_non_finite_trajectory_and_still_flags_the_decaying_cl
     without.record(2, list(series[2][:1]))
     assert without.maybe_decide(1, planned_steps=12)
     assert sorted(state.stats) == [0, 1, 3] and state.stats == without.stats
-    assert state.stats[0].quiet_fraction == 1.0  # decided against a finite population reference
+    assert state.stats[0]["quiet_fraction"] == 1.0  # decided against a finite population reference
     assert list(state.left_out) == [2] and "non-finite" in state.left_out[2] and "step 7" in state.left_out[2]
     assert "1 of 12" in without.left_out[2]  # a trajectory cut short is left out, and said to be
 

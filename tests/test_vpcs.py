@@ -10,6 +10,7 @@ to flag everyone), after round 1. The checks recompute what they can from the co
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 
@@ -213,7 +214,9 @@ def test_ray_backend_matches_local_through_the_calibration(ray_cluster, task_dir
 
 
 @pytest.mark.parametrize("override, key", [
-    (f"vp.calib_steps={1200}", "vp.calib_steps"),                   # 4,800 examples per client: more than any has
+    ("vp.calib_steps=1200 vp.min_window=1200", "vp.min_window"),    # 4,800 examples per judged client: none has
+    ("vp.rule=oracle", "vp.rule"),
+    ("vp.rule=stepwise fed.seed_sharing=client", "vp.rule"),        # no shared direction to compare on
     ("vp.calibration=sometimes", "vp.calibration"),
     ("vp.statistic=mode", "vp.statistic"),
     ("vp.reference=middle", "vp.reference"),
@@ -229,3 +232,28 @@ def test_a_calibration_that_cannot_work_is_refused(task_dir, tmp_path, capfd, no
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {key}:"), err
     assert not (tmp_path / "bad").exists()
 
+
+
+def test_a_shorter_calibration_is_the_prefix_of_a_longer_one_and_trend_flags_by_its_formula(task_dir, tmp_path, first_round):
+    """The step seeds and the data stream depend on the step index and the data cursor only, so a
+    20-step calibration is the first 20 steps of the 40-step one: same seeds, scalars and GradIP.
+    Its `trend` decision (vp.rule) follows from path.parquet by the formula of tests/test_vp_rules."""
+    from test_vp_rules import mann_kendall_by_hand, relative
+
+    run_dir, _ = first_round
+    run_experiment(load_config(None, known(task_dir, tmp_path, "short", "vp.calib_steps=20", "fed.rounds=1",
+                                           "fed.eval_every=1", "vp.rule=trend")), progress=False)
+    long, short = read_path(run_dir), read_path(tmp_path / "short")
+    prefix = long[(long["round"] == 1) & (long["step"] < 20)].reset_index(drop=True)
+    columns = ["client", "step", "seed", "scalar", "grad_ip"]
+    assert short.sort_values(["client", "step"])[columns].reset_index(drop=True).equals(
+        prefix.sort_values(["client", "step"])[columns].reset_index(drop=True))
+    trajectories = {k: rows.sort_values("step")["grad_ip"].tolist() for k, rows in short.groupby("client")}
+    rel = relative(trajectories)
+    z_crit = statistics.NormalDist().inv_cdf(0.05 / K)
+    flagged = sorted(k for k, r in rel.items()
+                     if mann_kendall_by_hand(r) < z_crit and statistics.median(r[-10:]) < 0)
+    decision = read_metrics(tmp_path / "short")[1]
+    assert decision["flagged_clients"] == flagged
+    for k, r in rel.items():
+        assert decision["vpcs"][str(k)]["trend_z"] == pytest.approx(mann_kendall_by_hand(r), rel=1e-9)

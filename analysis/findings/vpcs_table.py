@@ -12,11 +12,21 @@ from MEERKAT.md section 1 without the training code, so it doubles as an audit o
 Thresholds default to each run's own config. With --grid-sigma and --grid-rho: one markdown table
 of flagging precision and recall pooled over all the runs, per (sigma, rho) cell (the decision
 depends on the calibration round alone, which every cell shares).
+
+    .venv/bin/python analysis/findings/vpcs_table.py RUN_DIR ... --rules paper,stepwise,trend --lengths 30,50,100
+
+scores every registered decision rule (`vp.rule`, the platform's own implementations: this mode
+is a scoring tool, not an audit) at every calibration length L <= the recorded one, each L from
+the first L steps of round 1 (the L-step calibration: same seeds and batches), each client on its
+window min(L, n_k // batch) and left out under vp.min_window. Prints flagging precision and recall
+pooled over the runs with Wilson 95% intervals, then per setting (a run's name without "-s<seed>").
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +93,78 @@ def grid(runs: list[Path], sigmas: list[float], rhos: list[float], args) -> None
         print(f"| {sigma:g} | " + " | ".join(cells) + " |")
 
 
+def wilson(hits: int, total: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion hits / total (95% by default)."""
+    if total == 0:
+        return None
+    p = hits / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return centre - half, centre + half
+
+
+def rule_flags(run_dir: Path, rule: str, length: int) -> tuple[list[int], list[int], list[int]] | None:
+    """(flagged, truly extreme, judged clients) of `rule` on the first `length` steps of round 1, or None
+    when the run recorded fewer steps."""
+    from meerkat_ray.config import from_dict
+    from meerkat_ray.gradip import calibration_windows, min_window
+    from meerkat_ray.strategies.vp_rules import vp_rule
+
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data["vp"].update(rule=rule, calib_steps=length)
+    cfg = from_dict(data)
+    clients = json.loads((run_dir / "clients.json").read_text())
+    extreme = [c["client"] for c in clients if c["extreme"]]
+    sizes = [int(c["size"]) for c in sorted(clients, key=lambda c: c["client"])]
+    path = pd.read_parquet(run_dir / "path.parquet")
+    path = path[path["round"] == 1].sort_values(["client", "step"])
+    windows = calibration_windows(sizes, cfg.data.batch_size, length)
+    traj = {}
+    for k, g in path.groupby("client"):
+        values = g["grad_ip"].to_numpy(float)
+        if len(values) < length:
+            return None
+        if windows[int(k)] >= min_window(cfg.vp):
+            traj[int(k)] = values[:windows[int(k)]]
+    judge = vp_rule(cfg.vp)
+    return judge.flags(judge.statistics(traj)), extreme, sorted(traj)
+
+
+def setting_of(run_dir: Path) -> str:
+    return re.sub(r"-s\d+$", "", run_dir.name)
+
+
+def rules_table(runs: list[Path], rules: list[str], lengths: list[int]) -> None:
+    def cell(tp, fp, fn):
+        out = []
+        for hits, total in ((tp, tp + fp), (tp, tp + fn)):
+            ci = wilson(hits, total)
+            out.append(f"{hits}/{total} = {hits / total:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if total else "-")
+        return out
+
+    settings = sorted({setting_of(r) for r in runs})
+    print("| rule | length | runs | precision [95% CI] | recall [95% CI] | " + " | ".join(f"{s} P / R" for s in settings) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(settings))
+    for rule in rules:
+        for length in lengths:
+            pooled, per = [0, 0, 0], {s: [0, 0, 0] for s in settings}
+            count = 0
+            for run_dir in runs:
+                got = rule_flags(run_dir, rule, length)
+                if got is None:
+                    continue
+                count += 1
+                flagged, extreme, _ = got
+                hits = len(set(flagged) & set(extreme))
+                for acc in (pooled, per[setting_of(run_dir)]):
+                    acc[0] += hits
+                    acc[1] += len(flagged) - hits
+                    acc[2] += len(extreme) - hits
+            p, r = cell(*pooled)
+            parts = [f"{a[0]}/{a[0] + a[1]} / {a[0]}/{a[0] + a[2]}" for a in per.values()]
+            print(f"| {rule} | {length} | {count} | {p} | {r} | " + " | ".join(parts) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -94,7 +176,12 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="one table row per run")
     ap.add_argument("--grid-sigma", help="comma-separated sigmas: a pooled precision / recall table")
     ap.add_argument("--grid-rho", help="comma-separated rhos (with --grid-sigma)")
+    ap.add_argument("--rules", help="comma-separated vp.rule names: the pooled table per rule and length")
+    ap.add_argument("--lengths", default="30,50,100", help="calibration lengths for --rules (prefixes of round 1)")
     args = ap.parse_args()
+    if args.rules:
+        rules_table(args.runs, args.rules.split(","), [int(v) for v in args.lengths.split(",")])
+        return
     if args.grid_sigma or args.grid_rho:
         if not (args.grid_sigma and args.grid_rho):
             ap.error("--grid-sigma and --grid-rho go together")

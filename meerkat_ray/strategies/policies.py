@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigError
-from ..gradip import VPCSStats, gradip_flags
 from ..seeds import derive_seed
 from ..registry import registrar
+from .vp_rules import vp_rule
 
 POLICIES: dict[str, type[Policy]] = {}
 
@@ -42,7 +42,7 @@ class RoundView:
     participants: list[int] = field(default_factory=list)  # the clients planned this round
     losses: dict[int, list[float]] = field(default_factory=dict)
     grad_ips: dict[int, list[float]] = field(default_factory=dict)  # nan where the mask has no g_pre
-    stats: dict[int, VPCSStats] = field(default_factory=dict)  # VPCS statistics, in the decision round only
+    stats: dict[int, dict[str, float]] = field(default_factory=dict)  # the vp.rule's statistics, in the decision round only
     flagged: list[int] = field(default_factory=list)  # the clients early-stopped so far
 
 
@@ -70,10 +70,10 @@ class Policy:
 
 @register("gradip")
 class GradIPPolicy(Policy):
-    """VPCS: stop the clients whose GradIP trajectory decays and stays quiet (`gradip.gradip_flags`)."""
+    """VPCS: stop the clients the decision rule `vp.rule` flags from their GradIP trajectories."""
 
     def early_stop(self, view):
-        return gradip_flags(view.stats, self.cfg.vp) if view.stats else None
+        return vp_rule(self.cfg.vp).flags(view.stats) if view.stats else None
 
 
 @register("random")
@@ -83,7 +83,7 @@ class RandomPolicy(Policy):
     def early_stop(self, view):
         if not view.stats:
             return None
-        count = len(gradip_flags(view.stats, self.cfg.vp))
+        count = len(vp_rule(self.cfg.vp).flags(view.stats))
         return sorted(int(k) for k in self.rng.choice(sorted(view.stats), size=count, replace=False))
 
 

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..gradip import VPCSStats, vpcs_statistics
+from ..gradip import calibration_windows, min_window
 from ..messages import Term
 from ..schedule import round_steps
 from .aggregation import AGGREGATIONS, Aggregation, ClientPath
 from .policies import RoundView, active_policies
+from .vp_rules import vp_rule
 
 if TYPE_CHECKING:
     from ..config import Config, VPConfig
@@ -34,10 +35,11 @@ def rule_for(cfg: Config) -> Aggregation:
 
 
 class ServerStrategy:
-    def __init__(self, cfg: Config, num_clients: int):
+    def __init__(self, cfg: Config, num_clients: int, client_sizes: list[int] | None = None):
         self.cfg = cfg
         self.num_clients = num_clients
-        self.vp = VPState(cfg.vp, num_clients, cfg.seed)
+        windows = calibration_windows(client_sizes, cfg.data.batch_size, cfg.vp.calib_steps) if client_sizes else None
+        self.vp = VPState(cfg.vp, num_clients, cfg.seed, windows)
         self.policies = active_policies(cfg, self.vp.rng)
         self.rule = rule_for(cfg)
 
@@ -90,14 +92,17 @@ class ServerStrategy:
 
 
 class VPState:
-    """Collects |GradIP| per client until every client has `calib_steps`, then computes the VPCS
-    statistics once; the early-stop policies read them and set `flagged` (the run's stopped set)."""
+    """Collects |GradIP| per client until every client has `calib_steps`, then computes the
+    statistics of `vp.rule` once, each client on its calibration window (`windows`: its first pass
+    over its data; all calib_steps when not given); the early-stop policies read them and set
+    `flagged` (the run's stopped set)."""
 
-    def __init__(self, cfg: VPConfig, num_clients: int, seed: int):
+    def __init__(self, cfg: VPConfig, num_clients: int, seed: int, windows: list[int] | None = None):
         self.cfg = cfg
+        self.windows = list(windows) if windows is not None else [cfg.calib_steps] * num_clients
         self.trajectories: dict[int, list[float]] = {k: [] for k in range(num_clients)}
         self.flagged: list[int] = []
-        self.stats: dict[int, VPCSStats] = {}
+        self.stats: dict[int, dict[str, float]] = {}
         self.left_out: dict[int, str] = {}  # client -> why the decision left it out
         self.decided_round: int | None = None
         self.rng = np.random.default_rng([seed, 7])
@@ -118,23 +123,27 @@ class VPState:
         """Decide after the first round by which every client could have run `calib_steps` steps
         (`planned_steps`: the local steps of rounds 1..round_ for a client that was not stopped).
 
-        Clients with a short or non-finite trajectory then are left out (`left_out`, the reason)."""
+        Clients with a short or non-finite trajectory then are left out (`left_out`, the reason), and
+        so is a client whose window is under `vp.min_window` steps (too few examples to judge)."""
         if self.decided or not self.cfg.enabled:
             return False
         steps = self.cfg.calib_steps
         if planned_steps < steps:
             return False
-        full = {k: np.asarray(v[:steps], dtype=np.float64) for k, v in self.trajectories.items() if len(v) >= steps}
+        full = {k: np.asarray(v[:self.windows[k]], dtype=np.float64)
+                for k, v in self.trajectories.items() if len(v) >= steps}
         if not full:
             return False
         left_out = {k: f"{len(v)} of {steps} calibration GradIPs (results refused, or not sampled)"
                     for k, v in self.trajectories.items() if len(v) < steps}
+        left_out.update({k: f"its data is {self.windows[k]} steps of one pass, under vp.min_window={min_window(self.cfg)}"
+                         for k in full if self.windows[k] < min_window(self.cfg)})
         for k, a in full.items():
             bad = np.flatnonzero(~np.isfinite(a))
             if bad.size:
                 left_out[k] = f"non-finite GradIP at calibration step {int(bad[0])}: {a[bad[0]]}"
         self.left_out = dict(sorted(left_out.items()))
-        self.stats = vpcs_statistics({k: a for k, a in full.items() if k not in left_out}, self.cfg)
+        self.stats = vp_rule(self.cfg).statistics({k: a for k, a in full.items() if k not in left_out})
         self.decided_round = round_
         return True
 
@@ -144,7 +153,7 @@ class VPState:
         return {
             "trajectories": {str(k): [float(v) for v in t[:steps]] for k, t in self.trajectories.items()},
             "flagged": list(self.flagged),
-            "stats": {str(k): vars(s) for k, s in self.stats.items()},
+            "stats": {str(k): dict(s) for k, s in self.stats.items()},
             "left_out": {str(k): reason for k, reason in self.left_out.items()},
             "decided_round": self.decided_round,
             "rng": self.rng.bit_generator.state,
@@ -153,7 +162,7 @@ class VPState:
     def load_state(self, vp: dict) -> None:
         self.trajectories = {int(k): list(t) for k, t in vp["trajectories"].items()}
         self.flagged = list(vp["flagged"])
-        self.stats = {int(k): VPCSStats(**s) for k, s in vp["stats"].items()}
+        self.stats = {int(k): dict(s) for k, s in vp["stats"].items()}
         self.left_out = {int(k): reason for k, reason in vp.get("left_out", {}).items()}  # none in older checkpoints
         self.decided_round = vp["decided_round"]
         self.rng.bit_generator.state = vp["rng"]
