@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures, gradip_plot, search
+from . import figures, gradip_plot, search, vpcs_plot
 from .html import Figure, embed, page, table
 from .methods import SHORT_NAMES, group_runs, method_label, varying_keys
 from .plots import Plot
@@ -151,6 +151,9 @@ class _Builder:
                                    "calibration window (grey) with its early (green) and late (orange) phases; "
                                    "dashed: the decision; X: flagged clients, early-stopped to 1 local step per "
                                    "round from then on."))
+            decision_file = "vpcs.png" if self.c.kind == "run" else f"vpcs_{i:02d}_{_safe(run.name)}.png"
+            parts.append(self.save(vpcs_plot.decision(run, f"VPCS decision: {run.name}"), decision_file,
+                                   f"VPCS decision per client ({run.get('vp.rule', 'paper')} rule): {run.name}"))
             parts.append(self.vpcs_table(run))
         if len(runs) > MAX_GRADIP_RUNS:
             parts.append(f"<p>{len(runs) - MAX_GRADIP_RUNS} more runs with GradIP are not drawn.</p>")
@@ -163,16 +166,28 @@ class _Builder:
         if not stats:
             return ""
         extreme, flagged = run.extreme_clients, set(run.flagged_clients)
-        rows = [{"client": int(k), "flagged": int(k) in flagged,
-                 "truly extreme": (int(k) in extreme) if extreme is not None else None,
-                 "rho_later": s.get("rho_later"), "quiet fraction": s.get("quiet_fraction"),
-                 "early |GradIP|": s.get("early", s.get("early_mean")), "late |GradIP|": s.get("late", s.get("late_mean"))}
-                for k, s in sorted(stats.items(), key=lambda kv: int(kv[0]))]
+        rule = run.get("vp.rule", "paper")
+        rows = []
+        for k, s in sorted(stats.items(), key=lambda kv: int(kv[0])):
+            row = {"client": int(k), "flagged": int(k) in flagged,
+                   "truly extreme": (int(k) in extreme) if extreme is not None else None}
+            if rule == "paper":
+                row.update({"rho_later": s.get("rho_later"), "quiet fraction": s.get("quiet_fraction"),
+                            "early |GradIP|": s.get("early", s.get("early_mean")),
+                            "late |GradIP|": s.get("late", s.get("late_mean"))})
+            else:
+                row.update(s)
+            rows.append(row)
         decided = run.decided_round
-        stat = (run.summary or {}).get("vp_statistic") or "mean"
-        return (f"<p>VPCS decided after round {decided} on {stat}s of |GradIP| (σ = {run.get('vp.sigma')}, "
-                f"ρ = {run.get('vp.rho')}, quiet fraction > {run.get('vp.min_quiet_fraction')}).</p>"
-                + table(pd.DataFrame(rows)))
+        if rule == "paper":
+            stat = (run.summary or {}).get("vp_statistic") or "mean"
+            how = (f"on {stat}s of |GradIP| (σ = {run.get('vp.sigma')}, ρ = {run.get('vp.rho')}, "
+                   f"quiet fraction > {run.get('vp.min_quiet_fraction')})")
+        elif rule == "stepwise":
+            how = f"by the stepwise rule (robust z of the relative decay below −{run.get('vp.outlier_z')})"
+        else:
+            how = f"by the trend rule (Mann-Kendall at level {run.get('vp.trend_alpha')}, Bonferroni)"
+        return f"<p>VPCS decided after round {decided} {how}.</p>" + table(pd.DataFrame(rows))
 
     def flagging(self) -> str:
         rows = flagging_rows(self.groups)

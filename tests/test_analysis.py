@@ -86,8 +86,9 @@ def check_report(out: Path, expected: set[str]) -> str:
 def test_analyze_a_run_folder(sweep_dir, tmp_path, capsys):
     run = sweep_dir / "runs" / "00003_local_steps=2_sigma=1e+06"
     assert main(["analyze", str(run), "--out", str(tmp_path / "out")]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'out' / 'report.html'} (4 figures beside it)"
-    page = check_report(tmp_path / "out", {"curves.png", "accuracy_vs_uplink.png", "gradip.png", "vpcs_confusion.png"})
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'out' / 'report.html'} (5 figures beside it)"
+    page = check_report(tmp_path / "out", {"curves.png", "accuracy_vs_uplink.png", "gradip.png", "vpcs.png",
+                                           "vpcs_confusion.png"})
     summary = json.loads((run / "summary.json").read_text())
     assert sorted(summary["flagged_clients"]) == list(range(K))  # the thresholds flag everyone
     assert "Meerkat-vp" in page and "precision" in page and "recall" in page
@@ -103,7 +104,8 @@ def test_analyze_a_sweep_folder(sweep_dir, tmp_path):
     out = tmp_path / "out"
     assert main(["analyze", str(sweep_dir), "--out", str(out)]) == 0
     heatmaps = {f"heatmap_{v}_fed.local_steps_vp.sigma.png" for v in ("final_accuracy", "flag_precision", "flag_recall")}
-    gradips = {f"gradip_{i:02d}_{d.name}.png" for i, d in enumerate(sorted((sweep_dir / "runs").iterdir()))}
+    gradips = {f"{kind}_{i:02d}_{d.name}.png" for i, d in enumerate(sorted((sweep_dir / "runs").iterdir()))
+               for kind in ("gradip", "vpcs")}
     page = check_report(out, {"curves.png", "accuracy_vs_uplink.png", "vpcs_confusion.png", *heatmaps, *gradips})
     assert 'class="sortable"' in page and "addEventListener(\"click\"" in page
     runs = pd.read_csv(out / "runs.csv")

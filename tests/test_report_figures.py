@@ -56,7 +56,7 @@ def test_the_demo_report_draws_every_evaluation_both_client_groups_and_each_roun
     assert evaluated[0] == 0 and evaluated[-1] == rounds and any(decided <= r < rounds for r in evaluated), evaluated
     report = analyze(demo, tmp_path / "out")
     plots = report.plots
-    assert set(plots) == {"curves.png", "accuracy_vs_uplink.png", "gradip.png", "vpcs_confusion.png"}
+    assert set(plots) == {"curves.png", "accuracy_vs_uplink.png", "gradip.png", "vpcs.png", "vpcs_confusion.png"}
 
     # accuracy vs round and vs uplink: every evaluation, the zero-shot point at 0 bytes
     accuracy = {m["round"]: m["accuracy"] for m in metrics if m.get("accuracy") is not None}
@@ -143,3 +143,33 @@ def test_a_run_without_per_client_losses_gets_one_loss_line_that_says_so(demo, t
     assert line.meta["clients"] is None and "all steps of all clients" in line.label
     assert line.y == pytest.approx([m["train_loss"] for m in rows[1:]])
     assert line.label in plot.caption
+
+
+def test_the_decision_figure_draws_each_clients_relative_level_and_its_threshold(tmp_path):
+    """vp.rule=stepwise: each judged client's panel is its relative level r_k^t = log|GradIP_k^t| minus
+    the median over clients at step t (recomputed here from path.parquet), and its dotted line is
+    the late level at which its z reaches -outlier_z: start_k + median_j decay_j - outlier_z x spread."""
+    import math
+    import statistics
+
+    from analysis.report import analyze
+
+    run = demo_run(tmp_path, "stepwise", "fed.rounds=1", "fed.eval_every=1", "vp.rule=stepwise")
+    report = analyze(run, tmp_path / "out")
+    plot = report.plots["vpcs.png"]
+    path = __import__("pandas").read_parquet(run / "path.parquet").sort_values(["client", "step"])
+    logs = {int(k): [math.log(abs(v)) for v in g["grad_ip"]] for k, g in path.groupby("client")}
+    med = [statistics.median(v[t] for v in logs.values()) for t in range(CALIB)]
+    rel = {k: [v[t] - med[t] for t in range(CALIB)] for k, v in logs.items()}
+    early, late = round(0.2 * CALIB), round(0.5 * CALIB)
+    start = {k: statistics.median(r[:early]) for k, r in rel.items()}
+    decay = {k: statistics.median(r[-late:]) - start[k] for k, r in rel.items()}
+    stats = json.loads((run / "summary.json").read_text())["vpcs"]
+    spread = stats["0"]["spread"]
+    for series in plot.on("trajectory"):
+        k = series.meta["client"]
+        assert series.y == pytest.approx(rel[k], rel=1e-9, abs=1e-12)
+        expected = start[k] + statistics.median(decay.values()) - 3.5 * spread
+        assert plot.marks["thresholds"][k] == pytest.approx(expected, rel=1e-9)
+    assert plot.marks["rule"] == "stepwise" and len(plot.on("trajectory")) == 6
+    assert "stepwise" in plot.caption and "vpcs.png" in (tmp_path / "out" / "report.html").read_text()

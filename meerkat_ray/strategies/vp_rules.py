@@ -155,6 +155,7 @@ class StepwiseRule(SharedStepsRule):
         spread = max(mad(decays), float(np.median([row["se"] for row in rows.values()])))
         for row in rows.values():
             row["z"] = (row["decay"] - centre) / spread if spread > 0 else 0.0
+            row["spread"] = spread
         return rows
 
     def flags(self, stats):
