@@ -467,35 +467,6 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
     assert store.is_file("analysis/report.html")
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_an_embedded_cluster_starts_beside_a_running_ray_start_cluster(calm, tmp_path):
-    """ray.address="" (the default, no RAY_ADDRESS) is the run's own embedded cluster, also while a
-    `ray start` cluster runs on the machine: Ray's own lookup would join that one (it finds it
-    through the address file `ray start` leaves in Ray's temp folder) and refuse the CPU count the
-    embedded cluster declares. Ray's temp folder is a private one here (RAY_TMPDIR), so no other
-    Ray on this machine is seen or touched."""
-    import os
-    import tempfile
-
-    private = tempfile.mkdtemp(prefix="mre", dir="/tmp")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "RAY_TMPDIR": private, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cluster = RayCLICluster(env, temp=f"{private}/ray").head()
-    try:
-        assert (Path(private) / "ray" / "ray_current_cluster").is_file()  # what a plain ray.init() finds
-        proc = subprocess.run([sys.executable, "-m", "meerkat_ray", "run", *RUN, "executor=ray", "ray.num_actors=1",
-                               "ray.cpus_per_client=1", "model.num_threads=1", "name=beside", f"output_dir={tmp_path}"],
-                              env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        cluster.stop()
-        __import__("shutil").rmtree(private, ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Ray: embedded cluster with" in proc.stdout
-    assert_same_run(calm, tmp_path / "beside", ignore=FAULT_COUNTERS)
-
-
 # ----------------------------------------------------------------------------- autoscaling
 
 def cluster_env(tmp_path: Path) -> dict:
@@ -540,24 +511,32 @@ def gpu_workers(cluster: RayCLICluster) -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_sweep_waits_for_autoscaled_gpu_workers_which_leave_when_idle(tmp_path):
+def test_a_sweep_waits_for_autoscaled_gpu_workers_which_leave_when_idle(calm, tmp_path):
     """The head has no CPU or GPU for work; GPU workers exist only once the (fake) autoscaler
     launches them for the trial's placement group. The sweep waits instead of failing, completes,
-    and the idle worker is removed after idle_timeout_minutes."""
+    and the idle worker is removed after idle_timeout_minutes.
+
+    While that cluster still runs, a run with ray.address="" (the default, no RAY_ADDRESS) gets its
+    own embedded cluster: Ray's own lookup would join the `ray start` one (it finds it through the
+    address file `ray start` leaves in Ray's temp folder) and refuse the CPU count the embedded
+    cluster declares. Ray's temp folder is a private one here (RAY_TMPDIR), so no other Ray on this
+    machine is seen or touched."""
+    import shutil
+    import socket
+    import tempfile
     import time
 
     import pandas as pd
     import yaml
 
-    import socket
-
-    env = cluster_env(tmp_path)
+    private = tempfile.mkdtemp(prefix="mre", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**cluster_env(tmp_path), "RAY_TMPDIR": private, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     config = tmp_path / "autoscaling.yaml"
     with socket.socket() as sock:  # the fake provider must know the GCS address before the head starts
         sock.bind(("127.0.0.1", 0))
         gcs_port = sock.getsockname()[1]
-    cluster = RayCLICluster(env, gcs_port=gcs_port)
+    cluster = RayCLICluster(env, gcs_port=gcs_port, temp=f"{private}/ray")
     config.write_text(yaml.safe_dump(fake_autoscaling_config(cluster.gcs, idle_timeout_minutes=0.1)))
     cluster.head(f"--autoscaling-config={config}", env=head_env)
     try:
@@ -575,15 +554,23 @@ def test_a_sweep_waits_for_autoscaled_gpu_workers_which_leave_when_idle(tmp_path
             sweep.kill()
         out, err = sweep.communicate(timeout=30)
         assert sweep.returncode == 0, out[-3000:] + err[:5000]
+        assert (Path(private) / "ray" / "ray_current_cluster").is_file()  # what a plain ray.init() finds
+        beside = subprocess.run([sys.executable, "-m", "meerkat_ray", "run", *RUN, "executor=ray", "ray.num_actors=1",
+                                 "ray.cpus_per_client=1", "model.num_threads=1", "name=beside",
+                                 f"output_dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=300)
         deadline = time.monotonic() + 90
         while gpu_workers(cluster) and time.monotonic() < deadline:
             time.sleep(1)
         left = gpu_workers(cluster)
     finally:
         cluster.stop()
+        shutil.rmtree(private, ignore_errors=True)
     table = pd.read_parquet(tmp_path / "smoke" / "results.parquet")
     assert len(table) == 1 and table["status"].tolist() == ["done"]
     assert launched == 1 and left == 0
+    assert beside.returncode == 0, beside.stderr[-3000:]
+    assert "Ray: embedded cluster with" in beside.stdout
+    assert_same_run(calm, tmp_path / "beside", ignore=FAULT_COUNTERS)
 
 
 # ----------------------------------------------------------------------------- a sweep loses a node
