@@ -214,6 +214,11 @@ def read_path(path: Path) -> pd.DataFrame | None:
     missing = {"round", "client", "step", "grad_ip"} - set(frame.columns)
     if missing:
         raise AnalysisError(f"{path}: missing columns {sorted(missing)}")
+    if "perturbation" in frame:  # zo.num_perturbations > 1: one row per step, its GradIP the sum over directions
+        keys = ["round", "client", "step"]
+        first = frame[frame["perturbation"] == 0].set_index(keys)
+        first["grad_ip"] = frame.groupby(keys)["grad_ip"].sum(min_count=1)
+        frame = first.reset_index().drop(columns="perturbation")
     return frame
 
 

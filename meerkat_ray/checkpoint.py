@@ -72,7 +72,8 @@ class RunCheckpoint:
             raise MeerkatError(f"{Path(run_dir) / 'metrics.jsonl'}: ends before round {self.round}, the checkpoint's")
         path = read_path(run_dir) if (Path(run_dir) / "path.parquet").is_file() else None
         if path is not None and len(path):
-            writer.path_frames = [path[path["round"] <= self.round][PATH_COLUMNS].reset_index(drop=True)]
+            columns = PATH_COLUMNS + (["perturbation"] if "perturbation" in path else [])
+            writer.path_frames = [path[path["round"] <= self.round][columns].reset_index(drop=True)]
         writer.metrics = kept[:-1]
         writer.add_round(kept[-1], None)  # rewrites metrics.jsonl and path.parquet
         return writer
@@ -136,7 +137,8 @@ def open_resume(run_dir: str | Path, ckpt: RunCheckpoint | None = None,
             path = read_path(run_dir)
         except Exception as exc:
             raise MeerkatError(f"{run_dir / 'path.parquet'}: not readable ({type(exc).__name__})") from None
-        steps = int((path["round"] <= ckpt.round).sum()) if "round" in path else -1
+        rows = path[path["perturbation"] == 0] if "perturbation" in path else path  # P rows per step
+        steps = int((rows["round"] <= ckpt.round).sum()) if "round" in rows else -1
     if steps != ckpt.server.get("local_steps"):
         raise MeerkatError(f"{run_dir / 'path.parquet'}: {steps} steps up to round {ckpt.round}, the checkpoint "
                            f"counts {ckpt.server.get('local_steps')}")

@@ -76,9 +76,10 @@ class ForwardsToWorker:
 class ClientWorker:
     def __init__(self, model: torch.nn.Module, mask, theta: torch.Tensor, data: ClientData,
                  label_ids: torch.Tensor, eps: float, batch_size: int, device, name: str = "local",
-                 clip: float = 0.0, algorithm: str = "sparse_zo", grad_ip: bool = False):
+                 clip: float = 0.0, algorithm: str = "sparse_zo", grad_ip: bool = False, perturbations: int = 1,
+                 estimator: str = "central"):
         self.view = MaskedView(model, mask)
-        self.algorithm = make_algorithm(algorithm)
+        self.algorithm = make_algorithm(algorithm, perturbations, estimator)
         # g_pre on a worker only where its algorithm computes GradIP itself (first-order under Meerkat-vp)
         self.g_pre = mask.pretrain_grad if grad_ip and self.algorithm.needs_g_pre else None
         self.theta_global = theta.clone()

@@ -66,6 +66,8 @@ class ZOConfig:
     eps: float = 1e-3              # perturbation scale epsilon
     lr: float = 5e-4               # learning rate eta (sparse masks need far larger values than dense MeZO)
     clip: float = 0.0              # clip each step's |scalar| to this on the client (0 = off); the server rejects larger ones
+    num_perturbations: int = 1     # P: seeded directions per step, one scalar each; the step moves by their mean
+    estimator: str = "central"     # central: [f(w+eps z) - f(w-eps z)] / (2 eps) | forward: [f(w+eps z) - f(w)] / eps
 
 
 @dataclass

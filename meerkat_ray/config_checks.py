@@ -30,6 +30,7 @@ CHOICES = {
     "mask.kind": tuple(MASK_SCORES),
     "mask.calib_corpus": ("pydoc", "c4"),
     "fed.seed_sharing": ("round", "client"),
+    "zo.estimator": ("central", "forward"),
     "fed.aggregation": tuple(AGGREGATIONS),  # the registries: a new variant is one entry there
     "fed.algorithm": tuple(ALGORITHMS),
     "vp.policy": tuple(name for name, p in POLICIES.items() if p.choice_of == "vp.policy"),
@@ -77,6 +78,7 @@ RANGES = [
     ("vp.min_quiet_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     ("vp.calib_steps", lambda v: v >= 2, ">= 2"),
     ("vp.outlier_z", lambda v: v > 0, "> 0"),
+    ("zo.num_perturbations", lambda v: v >= 1, ">= 1"),
     ("vp.trend_alpha", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("vp.min_window", lambda v: v >= 2, ">= 2"),
     ("vp.early_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
@@ -163,6 +165,12 @@ def check_algorithm(cfg: Config) -> None:
                               "fed.algorithm=first_order averages the masked values (use fed.aggregation=mean)")
         if cfg.zo.clip > 0:
             raise ConfigError("zo.clip: clips ZO scalars, and fed.algorithm=first_order sends none (set zo.clip=0)")
+        if cfg.zo.num_perturbations != 1:
+            raise ConfigError("zo.num_perturbations: ZO directions per step, and fed.algorithm=first_order "
+                              "takes a gradient instead (set zo.num_perturbations=1)")
+        if cfg.zo.estimator != "central":
+            raise ConfigError("zo.estimator: a ZO estimator, and fed.algorithm=first_order takes a gradient "
+                              "instead (set zo.estimator=central)")
     if fed.algorithm == "lora_zo" and not target_names(cfg.lora):
         raise ConfigError("lora.targets: names no module (comma-separated module names, e.g. q_proj,v_proj)")
 

@@ -24,7 +24,8 @@ from .terms import apply_terms_
 def paths_from_frame(rows: pd.DataFrame) -> list[ClientPath]:
     """One round of path.parquet back into ClientPaths."""
     out = []
-    for client, group in rows.sort_values(["client", "step"]).groupby("client", sort=True):
+    order = ["client", "step", "perturbation"] if "perturbation" in rows else ["client", "step"]
+    for client, group in rows.sort_values(order).groupby("client", sort=True):
         out.append(ClientPath(client=int(client), weight=float(group["weight"].iloc[0]),
                               seeds=[int(s) for s in group["seed"]], scalars=[float(g) for g in group["scalar"]],
                               lr=float(group["lr"].iloc[0])))
@@ -35,7 +36,8 @@ def infer_sharing(rows: pd.DataFrame) -> str:
     """`round` when every step index carries one seed for all clients of a round, else `client`.
 
     With a single client per round both modes give the same terms, so the answer cannot matter."""
-    seeds_per_step = rows.groupby(["round", "step"])["seed"].nunique()
+    step = ["round", "step", "perturbation"] if "perturbation" in rows else ["round", "step"]
+    seeds_per_step = rows.groupby(step)["seed"].nunique()
     return "round" if bool((seeds_per_step == 1).all()) else "client"
 
 

@@ -4,6 +4,7 @@
   config.yaml              fully resolved config
   metrics.jsonl            one JSON object per round (round 0 = zero-shot evaluation)
   path.parquet             virtual-path log: round, client, step, seed, scalar, lr, weight, grad_ip
+                           (+ perturbation with zo.num_perturbations > 1: P rows per step)
   mask.safetensors         per masked parameter its sorted flat indices (+ pretrain_grad)
   sparse_init.safetensors  masked values before training (float32, key "theta", mask order)
   sparse_final.safetensors masked values after training
@@ -118,7 +119,8 @@ class RunWriter:
         self.metrics.append(_json_safe(metrics))
         write_text(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
         if path_rows is not None and len(path_rows):
-            self.path_frames.append(path_rows[PATH_COLUMNS])
+            extra = ["perturbation"] if "perturbation" in path_rows else []
+            self.path_frames.append(path_rows[PATH_COLUMNS + extra])
         self.write_path()
         self.scalars.add_round(self.metrics)
 

@@ -14,7 +14,13 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def step_seeds(run_seed: int, round_: int, client: int, steps: int, sharing: str) -> list[int]:
+def step_seeds(run_seed: int, round_: int, client: int, steps: int, sharing: str, perturbations: int = 1) -> list[int]:
+    """The seeds of `steps` local steps, P = `perturbations` per step, step-major (step t's are
+    [t P, (t + 1) P)); the first of each step is the seed of a one-direction step, and direction
+    p >= 1 appends ("p", p) to its parts."""
     if sharing == "round":  # the paper: one seed list per round, shared by every client
-        return [derive_seed(run_seed, "z", round_, t) for t in range(steps)]
-    return [derive_seed(run_seed, "z", round_, "client", client, t) for t in range(steps)]
+        parts = lambda t: (run_seed, "z", round_, t)  # noqa: E731
+    else:
+        parts = lambda t: (run_seed, "z", round_, "client", client, t)  # noqa: E731
+    return [derive_seed(*parts(t)) if p == 0 else derive_seed(*parts(t), "p", p)
+            for t in range(steps) for p in range(perturbations)]

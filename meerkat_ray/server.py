@@ -6,6 +6,7 @@ becomes the next global values up to the client algorithm (`algorithms/`, `fed.a
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ class Server:
         self.sizes = np.asarray(client_sizes, dtype=np.int64)
         self.cursors = np.zeros(len(client_sizes), dtype=np.int64)
         self.strategy = ServerStrategy(cfg, len(client_sizes), list(client_sizes))
-        self.algorithm = make_algorithm(cfg.fed.algorithm)
+        self.algorithm = make_algorithm(cfg.fed.algorithm, cfg.zo.num_perturbations, cfg.zo.estimator)
         self.uplink_bytes = 0
         self.downlink_bytes = 0
         self.local_steps = 0
@@ -127,19 +128,26 @@ class Server:
         paths = self._paths(round_, accepted, by_client)
         self.theta, sync, grad_ips_of = self.algorithm.aggregate(self.theta, round_, paths, by_client, self.strategy,
                                                                  self.g_pre, self.is_probe(round_))
+        P = self.algorithm.perturbations
         rows = []
         for path in paths:
             grad_ips = grad_ips_of[path.client]
-            rows += [(round_, path.client, t, s, g, path.lr, path.weight, gi)
-                     for t, (s, g, gi) in enumerate(zip(path.seeds, path.scalars, grad_ips))]
+            rows += [(round_, path.client, i // P, s, g, path.lr, path.weight, gi, i % P)
+                     for i, (s, g, gi) in enumerate(zip(path.seeds, path.scalars, grad_ips))]
+        if P > 1:  # a step's GradIP: the sum over its directions of (g / P) <g_pre, z>
+            grad_ips_of = {k: [math.fsum(v[i: i + P]) for i in range(0, len(v), P)] for k, v in grad_ips_of.items()}
         for plan in plans:  # data consumed is consumed, accepted or not
             self.cursors[plan.client] += plan.steps * self.cfg.data.batch_size
         decided_now = self.strategy.end_round(round_, [p.client for p in plans],
                                               {p.client: list(by_client[p.client].losses) for p in accepted},
                                               grad_ips_of)
         metrics = self._account(round_, plans, accepted, rejected, answers, sync, decided_now)
-        frame = pd.DataFrame(rows, columns=["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"])
-        frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64"})
+        columns = ["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip", "perturbation"]
+        frame = pd.DataFrame(rows, columns=columns)
+        frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64",
+                              "perturbation": "int64"})
+        if P == 1:  # one direction per step: the contract's columns only
+            frame = frame.drop(columns="perturbation")
         return RoundOutcome(metrics=metrics, path_rows=frame, sync=sync)
 
     def _check_results(self, plans, answers) -> tuple[list[ClientPlan], dict[int, str]]:

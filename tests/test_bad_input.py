@@ -61,6 +61,7 @@ BOUNDS = {
     "zo.eps": ([1e-12], [0.0, -1e-3]),
     "zo.lr": ([1e-12], [0.0, -1e-3]),
     "zo.clip": ([0.0, 1e-9], [-1e-9]),                              # 0 = off
+    "zo.num_perturbations": ([1, 4], [0, -1]),                      # P >= 1 directions per step
     "fed.rounds": ([1], [0]),
     "fed.local_steps": ([1], [0]),
     "fed.first_round_steps": ([0, 30], [-1]),                       # 0 = T (or vp.calib_steps)
@@ -97,6 +98,7 @@ CONTRACT_CHOICES = {
     "mask.kind": {"pretrain_grad", "weight_magnitude", "random", "full"},
     "mask.calib_corpus": {"pydoc", "c4"},
     "fed.seed_sharing": {"round", "client"},
+    "zo.estimator": {"central", "forward"},
     "fed.aggregation": {"mean", "median", "trimmed_mean"},
     "fed.algorithm": {"sparse_zo", "first_order", "lora_zo"},
     "vp.policy": {"gradip", "random"},

@@ -37,8 +37,10 @@ ALGORITHMS: dict[str, type[Algorithm]] = {}
 register = registrar(ALGORITHMS, NAMES)
 
 
-def make_algorithm(name: str) -> Algorithm:
-    return ALGORITHMS[name]()
+def make_algorithm(name: str, perturbations: int = 1, estimator: str = "central") -> Algorithm:
+    """The algorithm `name`; a ZO one takes `perturbations` (zo.num_perturbations) directions per
+    step with the `estimator` (zo.estimator) of each direction's scalar."""
+    return ALGORITHMS[name](perturbations, estimator)
 
 
 @dataclass
@@ -52,12 +54,16 @@ class Algorithm:
     replayable = True
     needs_g_pre = False
 
+    def __init__(self, perturbations: int = 1, estimator: str = "central"):
+        self.perturbations, self.estimator = int(perturbations), estimator
+
     def plan_seeds(self, cfg, round_: int, client: int, steps: int) -> list[int]:
         """The seed list of a plan: round sharing, the round's list (every client the same, as long as
-        the longest plan of the round); client sharing, the client's own `steps` seeds."""
+        the longest plan of the round); client sharing, the client's own `steps` seeds; P seeds per
+        step (`seeds.step_seeds`)."""
         sharing = cfg.fed.seed_sharing
         return step_seeds(cfg.seed, round_, client, round_steps(cfg, round_) if sharing == "round" else steps,
-                          sharing)
+                          sharing, self.perturbations)
 
     def lr(self, cfg) -> float:
         return cfg.zo.lr
@@ -71,8 +77,12 @@ class Algorithm:
                             worker=worker, compute_s=compute_s)
 
     def path(self, plan, result) -> tuple[list[int], list[float]]:
-        """A checked result's steps as path.parquet logs them: their seeds and scalars."""
-        return plan.seeds[: plan.steps], [float(s) for s in result.scalars]
+        """A checked result's steps as path.parquet logs them: their seeds and the coefficient of each
+        seed's z in the client's update, scalar / P (P = 1: the scalar itself), P per step."""
+        count = plan.steps * self.perturbations
+        if self.perturbations == 1:
+            return plan.seeds[:count], [float(s) for s in result.scalars]
+        return plan.seeds[:count], [float(s) / self.perturbations for s in result.scalars]
 
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
         raise NotImplementedError
@@ -82,7 +92,8 @@ class Algorithm:
 
     def aggregate(self, theta, round_: int, paths, results: dict, strategy, g_pre, probe: bool):
         """The round's new global values from `theta` (fp32; may be updated in place), the SyncMessage
-        that brings every worker there, and {client: GradIP per step}: from the accepted `paths` and
+        that brings every worker there, and {client: GradIP per path entry} (P per step: the server
+        sums a step's): from the accepted `paths` and
         their `results`, the server's `strategy` (its aggregation rule), g_pre (float64, or None) and
         whether the round is a probe (nothing applied)."""
         raise NotImplementedError

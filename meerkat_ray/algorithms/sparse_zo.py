@@ -1,14 +1,19 @@
 """`sparse_zo` (the default): Meerkat's sparse SPSA step on the masked coordinates.
 
 Client, per step t with seed s_t: z = randn(n) from s_t, two forwards at theta +- eps z, one scalar
-g_t, theta <- theta - lr g_t z (`zo.zo_step_`). Server: replays the virtual paths from (seeds,
-scalars), GradIP = g_t <g_pre, z_t>, aggregation terms of `fed.aggregation`; every worker applies
-the same terms, so the run replays bit for bit from path.parquet.
+g_t, theta <- theta - lr g_t z (`zo.zo_step_`). With P = zo.num_perturbations directions z_{t,p}
+(seeds `seeds.step_seeds`), P scalars g_{t,p} at the same theta and
+theta <- theta - lr sum_p (g_{t,p} / P) z_{t,p} (added p by p); zo.estimator=forward gives
+g = [f(theta + eps z) - f(theta)] / eps, f(theta) shared by the step's P directions. Server:
+replays the virtual paths from (seeds, g / P), GradIP_t = sum_p (g_{t,p} / P) <g_pre, z_{t,p}>
+(the inner product of g_pre with the step's update direction; P = 1: g_t <g_pre, z_t>),
+aggregation terms of `fed.aggregation`; every worker applies the same terms, so the run replays
+bit for bit from path.parquet.
 
-Bytes per client per round: uplink 8 (round) + 8 (client) + 8 T (scalars) + 4 T (losses); downlink
-the plan, 8 (5 + T) with the round's seed list, plus the sync message, 8 + 8 T (round sharing) or
-8 + 16 K T (client sharing). Nothing of size n or d. Memory: the model for inference (no gradients,
-no optimizer state), the fp32 master values theta and two z's of n floats.
+Bytes per client per round: uplink 8 (round) + 8 (client) + 8 P T (scalars) + 4 T (losses);
+downlink the plan, 8 (5 + P T) with the round's seed list, plus the sync message, 8 + 8 P T (round
+sharing) or 8 + 16 K P T (client sharing). Nothing of size n or d. Memory: the model for inference
+(no gradients, no optimizer state), the fp32 master values theta and P + 1 z's of n floats.
 """
 from __future__ import annotations
 
@@ -21,17 +26,25 @@ class SparseZO(Algorithm):
     replayable = True
 
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
-        from ..zo import perturbations, zo_step_
+        from ..zo import multi_step_, perturbations, zo_step_
 
         scalars, losses = [], []
-        seeds = plan.seeds[: plan.steps]
+        P = self.perturbations
+        seeds = plan.seeds[: plan.steps * P]
         draws = perturbations(seeds, theta.numel())  # the next z is drawn while this step's forwards run
         try:
-            for t, (seed, z) in enumerate(zip(seeds, draws)):
+            for t in range(plan.steps):
                 batch = worker.data.batch(plan.client, plan.cursor + t * worker.batch_size, worker.batch_size)
-                scalar, loss = zo_step_(worker.view, theta, seed, batch.to(worker.device), worker.label_ids,
-                                        worker.eps, plan.lr, worker.clip, z=z)
-                scalars.append(scalar)
+                batch = batch.to(worker.device)
+                if P == 1 and self.estimator == "central":
+                    scalar, loss = zo_step_(worker.view, theta, seeds[t], batch, worker.label_ids,
+                                            worker.eps, plan.lr, worker.clip, z=next(draws))
+                    step_scalars = [scalar]
+                else:
+                    zs = [next(draws) for _ in range(P)]
+                    step_scalars, loss = multi_step_(worker.view, theta, zs, batch, worker.label_ids, worker.eps,
+                                                     plan.lr, worker.clip, self.estimator)
+                scalars += step_scalars
                 losses.append(loss)
         finally:
             draws.close()
@@ -41,7 +54,7 @@ class SparseZO(Algorithm):
         """`plan.steps` finite scalars and losses, nothing else (no values, no GradIPs: the server
         computes GradIP itself). With `clip` > 0 (zo.clip) honest clients never send |scalar| > clip,
         so a larger one is refused."""
-        reason = numbers_problem("scalars", result.scalars, plan.steps) or \
+        reason = numbers_problem("scalars", result.scalars, plan.steps * self.perturbations) or \
             numbers_problem("losses", result.losses, plan.steps)
         if reason:
             return reason
