@@ -5,7 +5,10 @@ on one fixed batch of the embedded tweet task (the same forward the step runs: v
 the last position, logits_to_keep=1). Everything a step adds to its two forwards (drawing z,
 writing theta +- eps z into the model, the update) shows up as the ratio's excess over 1. A second
 row per mask times a client worker's whole local round (`ClientWorker.run`: batch assembly, T
-steps, the final restore) against two forwards on each of the same T batches.
+steps, the final restore) against two forwards on each of the same T batches. The estimator rows
+(`zo.multi_step_`: P = 2 central, forward with P = 1 and 2) give the time per step over two plain
+forwards and over the forwards the step itself runs (2P central, P + 1 forward): the last ratio is
+what the step adds to its own forwards.
 
 Run (each configuration a few minutes at most on 2 CPU cores; take the lock on shared machines):
     flock /tmp/meerkat-cpu.lock .venv/bin/python bench/zo_step.py --model tiny-llama
@@ -128,6 +131,31 @@ def time_step(lm, view, batch, label_ids, repeats: int, cuda: bool) -> dict:
             "ratio_of_medians_per_repeat": median([s / f for s, f in zip(step, two_fwd)])}
 
 
+def time_estimator(lm, view, batch, label_ids, repeats: int, cuda: bool, P: int, estimator: str) -> dict:
+    """Medians (seconds) of 2 forwards and of one `multi_step_` with P directions and `estimator`."""
+    from meerkat_ray.scoring import label_logits
+    from meerkat_ray.zo import multi_step_, perturbation
+
+    theta = view.gather()
+    two_fwd, step = [], []
+    for r in range(repeats + 2):
+        zs = [perturbation(3000 + r * P + p, view.n) for p in range(P)]  # drawn outside the timing
+        with Timer(cuda) as t_fwd:
+            label_logits(lm.model, batch, label_ids)
+            label_logits(lm.model, batch, label_ids)
+        with Timer(cuda) as t_step:
+            multi_step_(view, theta, zs, batch, label_ids, eps=1e-3, lr=0.0, estimator=estimator)
+        if r >= 2:
+            two_fwd.append(t_fwd.s), step.append(t_step.s)
+    forwards = 2 * P if estimator == "central" else P + 1
+    ratio = median(step) / median(two_fwd)
+    return {"P": P, "estimator": estimator, "forwards": forwards, "two_forwards_s": median(two_fwd),
+            "step_s": median(step), "ratio_to_two_forwards": ratio, "ratio_to_own_forwards": ratio * 2 / forwards}
+
+
+ESTIMATOR_ROWS = ((2, "central"), (1, "forward"), (2, "forward"))
+
+
 def time_worker(lm, mask, view, tokens, labels, label_ids, args, repeats: int, cuda: bool) -> dict:
     """A client's local round (T steps from its data stream) vs 2 forwards on each of its T batches."""
     import numpy as np
@@ -174,11 +202,16 @@ def main(argv=None) -> None:
         step = time_step(lm, view, batch, label_ids, repeats, cuda)
         worker = time_worker(lm, mask, view, tokens, labels, label_ids, args, max(3, repeats // 4), cuda)
         view.write_(view.gather())  # (the model is left as loaded: lr was 0 throughout)
-        results.append({"mask": kind, "n": mask.n, "step": step, "worker": worker})
+        estimators = [time_estimator(lm, view, batch, label_ids, max(3, repeats // 2), cuda, P, est)
+                      for P, est in ESTIMATOR_ROWS]
+        results.append({"mask": kind, "n": mask.n, "step": step, "worker": worker, "estimators": estimators})
         rows.append([kind, mask.n, "zo_step_", step["two_forwards_s"] * 1e3, step["step_s"] * 1e3,
                      step["draw_z_s"] * 1e3, step["write_s"] * 1e3, step["ratio_to_two_forwards"]])
         rows.append([kind, mask.n, f"worker T={args.local_steps}", worker["two_forwards_s"] * 1e3,
                      worker["step_s"] * 1e3, "", "", worker["ratio_to_two_forwards"]])
+        for e in estimators:
+            rows.append([kind, mask.n, f"{e['estimator']} P={e['P']} ({e['forwards']} fwd; own {e['ratio_to_own_forwards']:.3f})",
+                         e["two_forwards_s"] * 1e3, e["step_s"] * 1e3, "", "", e["ratio_to_two_forwards"]])
         del view, mask
     print(f"{args.model} ({params / 1e6:.1f}M params, {args.dtype}) on {lm.device}, {args.threads} thread(s), "
           f"batch {args.batch_size} x {batch.input_ids.shape[1]} tokens, medians of {repeats} repeats")
