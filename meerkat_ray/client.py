@@ -77,13 +77,14 @@ class ClientWorker:
     def __init__(self, model: torch.nn.Module, mask, theta: torch.Tensor, data: ClientData,
                  label_ids: torch.Tensor, eps: float, batch_size: int, device, name: str = "local",
                  clip: float = 0.0, algorithm: str = "sparse_zo", grad_ip: bool = False, perturbations: int = 1,
-                 estimator: str = "central"):
+                 estimator: str = "central", weight_decay: float = 0.0):
         self.view = MaskedView(model, mask)
         self.algorithm = make_algorithm(algorithm, perturbations, estimator)
         # g_pre on a worker only where its algorithm computes GradIP itself (first-order under Meerkat-vp)
         self.g_pre = mask.pretrain_grad if grad_ip and self.algorithm.needs_g_pre else None
         self.theta_global = theta.clone()
         self.data, self.eps, self.batch_size, self.clip = data, eps, batch_size, clip
+        self.weight_decay = weight_decay
         self.device = device
         self.label_ids = label_ids.to(device)
         self.name = name

@@ -68,6 +68,7 @@ class ZOConfig:
     clip: float = 0.0              # clip each step's |scalar| to this on the client (0 = off); the server rejects larger ones
     num_perturbations: int = 1     # P: seeded directions per step, one scalar each; the step moves by their mean
     estimator: str = "central"     # central: [f(w+eps z) - f(w-eps z)] / (2 eps) | forward: [f(w+eps z) - f(w)] / eps
+    weight_decay: float = 0.0      # decoupled, on the masked values: each step theta <- (1 - lr wd) theta - lr g z
 
 
 @dataclass

@@ -79,6 +79,7 @@ RANGES = [
     ("vp.calib_steps", lambda v: v >= 2, ">= 2"),
     ("vp.outlier_z", lambda v: v > 0, "> 0"),
     ("zo.num_perturbations", lambda v: v >= 1, ">= 1"),
+    ("zo.weight_decay", lambda v: v >= 0, ">= 0"),
     ("vp.trend_alpha", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("vp.min_window", lambda v: v >= 2, ">= 2"),
     ("vp.early_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
@@ -168,9 +169,15 @@ def check_algorithm(cfg: Config) -> None:
         if cfg.zo.num_perturbations != 1:
             raise ConfigError("zo.num_perturbations: ZO directions per step, and fed.algorithm=first_order "
                               "takes a gradient instead (set zo.num_perturbations=1)")
+        if cfg.zo.weight_decay > 0:
+            raise ConfigError("zo.weight_decay: decays the ZO steps' values, and fed.algorithm=first_order takes "
+                              "gradient steps (set zo.weight_decay=0)")
         if cfg.zo.estimator != "central":
             raise ConfigError("zo.estimator: a ZO estimator, and fed.algorithm=first_order takes a gradient "
                               "instead (set zo.estimator=central)")
+    if cfg.zo.weight_decay * cfg.zo.lr >= 1:
+        raise ConfigError(f"zo.weight_decay: zo.lr x weight_decay = {cfg.zo.lr * cfg.zo.weight_decay:g} must be below 1 "
+                          "(each step multiplies the values by 1 - lr x weight_decay)")
     if fed.algorithm == "lora_zo" and not target_names(cfg.lora):
         raise ConfigError("lora.targets: names no module (comma-separated module names, e.g. q_proj,v_proj)")
 

@@ -139,4 +139,5 @@ def build_worker(cfg: Config, data: DataSetup, lm: LoadedModel, mask: Mask, thet
     return ClientWorker(lm.model, mask, theta, client_data, label_token_ids(lm.tokenizer, data.task.spec.label_words),
                         eps=cfg.zo.eps, batch_size=cfg.data.batch_size, device=lm.device, name=name,
                         clip=cfg.zo.clip, algorithm=cfg.fed.algorithm,
-                        grad_ip=cfg.vp.enabled, perturbations=cfg.zo.num_perturbations, estimator=cfg.zo.estimator)
+                        grad_ip=cfg.vp.enabled, perturbations=cfg.zo.num_perturbations, estimator=cfg.zo.estimator,
+                        weight_decay=cfg.zo.weight_decay)

@@ -68,16 +68,18 @@ class SyncMessage:
     round: int                      # the round whose aggregate these terms are
     terms: list[Term] = field(default_factory=list)
     sharing: str = "round"
+    scale: float = 1.0              # theta <- scale * theta before the terms (zo.weight_decay > 0)
 
     def replacement(self) -> Any:
         """The new global values whole, for a sync that sends them (None: apply the terms)."""
         return None
 
     def payload_bytes(self) -> int:
+        scale = WORD if self.scale != 1.0 else 0
         if not self.terms:
-            return WORD
+            return WORD + scale
         per_term = WORD if self.sharing == "round" else 2 * WORD  # round: seeds already known from the plan
-        return WORD + per_term * len(self.terms)
+        return WORD + scale + per_term * len(self.terms)
 
 
 def measured_s(result) -> float:

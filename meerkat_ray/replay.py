@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from .errors import MeerkatError
-from .strategies.aggregation import Aggregation, ClientPath, make_rule
+from .strategies.aggregation import Aggregation, ClientPath, decayed, make_rule
 from .terms import apply_terms_
 
 
@@ -42,9 +42,10 @@ def infer_sharing(rows: pd.DataFrame) -> str:
 
 
 def replay_path(theta_init: torch.Tensor, path: pd.DataFrame, sharing: str | None = None,
-                rule: Aggregation | None = None) -> torch.Tensor:
+                rule: Aggregation | None = None, weight_decay: float = 0.0, perturbations: int = 1) -> torch.Tensor:
     """sparse_final from sparse_init and path.parquet: each round's terms by `rule` (a run's rule,
-    `strategy.rule_for(cfg)`; None = FedAvg), the sharing mode read off the seeds unless given."""
+    `strategy.rule_for(cfg)`; None = FedAvg), the sharing mode read off the seeds unless given;
+    with zo.weight_decay, each round's scale and decayed paths (`aggregation.decayed`)."""
     if len(path) and bool((path["seed"] < 0).any()):
         raise MeerkatError("path.parquet: steps without a seed (seed -1): the run's fed.algorithm is not "
                            "seed-replayable (first_order sends values, not scalars), so it cannot be replayed")
@@ -52,7 +53,10 @@ def replay_path(theta_init: torch.Tensor, path: pd.DataFrame, sharing: str | Non
     rule = rule or make_rule("mean")
     theta = theta_init.clone()
     for _, rows in path.groupby("round", sort=True):
-        apply_terms_(theta, rule.terms(paths_from_frame(rows), sharing))
+        scale, paths = decayed(paths_from_frame(rows), weight_decay, perturbations)
+        if scale != 1.0:
+            theta.mul_(scale)
+        apply_terms_(theta, rule.terms(paths, sharing))
     return theta
 
 
@@ -69,4 +73,5 @@ def replay_run(run_dir) -> torch.Tensor:
     if not ALGORITHMS[cfg.fed.algorithm].replayable:
         raise MeerkatError(f"{run_dir}: fed.algorithm={cfg.fed.algorithm} is not seed-replayable "
                            "(its clients send values, not scalars), so it cannot be replayed")
-    return replay_path(load_theta(run_dir / "sparse_init.safetensors"), read_path(run_dir), rule=rule_for(cfg))
+    return replay_path(load_theta(run_dir / "sparse_init.safetensors"), read_path(run_dir), rule=rule_for(cfg),
+                       weight_decay=cfg.zo.weight_decay, perturbations=cfg.zo.num_perturbations)

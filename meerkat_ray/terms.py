@@ -16,9 +16,12 @@ from .messages import Term
 from .zo import perturbation, perturbations
 
 
-def replay_client_(theta: torch.Tensor, seeds, scalars, lr: float) -> torch.Tensor:
-    """Rebuild a client's final values from its path (in place), exactly as the client computed them."""
+def replay_client_(theta: torch.Tensor, seeds, scalars, lr: float, weight_decay: float = 0.0) -> torch.Tensor:
+    """Rebuild a client's final values from its path (in place), exactly as the client computed them
+    (one direction per step; with weight decay, theta <- (1 - lr wd) theta before each update)."""
     for seed, scalar in zip(seeds, scalars):
+        if weight_decay:
+            theta.mul_(1.0 - lr * weight_decay)
         theta.add_(perturbation(seed, theta.numel()), alpha=-(lr * float(scalar)))
     return theta
 
@@ -40,4 +43,6 @@ def apply_sync_(theta: torch.Tensor, msg) -> torch.Tensor:
     values = msg.replacement()
     if values is not None:
         return values.clone()
+    if msg.scale != 1.0:
+        theta.mul_(msg.scale)
     return apply_terms_(theta, msg.terms)

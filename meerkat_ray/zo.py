@@ -6,7 +6,8 @@ For a step with seed s and fp32 master values theta (length n, mask order):
     g = [f(theta + eps z; B) - f(theta - eps z; B)] / (2 eps)         (the projected gradient: one scalar)
     theta <- theta - lr * g * z
 With P directions z_1..z_P (zo.num_perturbations, `multi_step_`): P scalars at the same theta, then
-theta <- theta - lr * (g_p / P) * z_p for p = 1..P in turn; zo.estimator=forward takes
+theta <- theta - lr * (g_p / P) * z_p for p = 1..P in turn (after theta <- (1 - lr wd) theta with
+zo.weight_decay = wd > 0); zo.estimator=forward takes
 g_p = [f(theta + eps z_p; B) - f(theta; B)] / eps, with f(theta; B) computed once per step.
 The model's own tensors (any dtype, any device) only ever *receive* theta (or theta +- eps z) cast to
 their dtype; the restore writes theta back from the master copy, never subtracts, so nothing drifts.
@@ -74,14 +75,16 @@ def zo_step_(view: MaskedView, theta: torch.Tensor, seed: int, batch: Batch, lab
 
 
 def multi_step_(view: MaskedView, theta: torch.Tensor, zs: list[torch.Tensor], batch: Batch, label_ids: torch.Tensor,
-                eps: float, lr: float, clip: float = 0.0, estimator: str = "central") -> tuple[list[float], float]:
+                eps: float, lr: float, clip: float = 0.0, estimator: str = "central",
+                decay: float = 0.0) -> tuple[list[float], float]:
     """One step with P = len(zs) directions (`zs`: the step's perturbations, in seed order) and the
     `estimator` (central | forward); updates theta in place and leaves the model holding it.
 
     Returns (the P scalars, loss): central, the mean over p of the two perturbed losses' mean;
     forward, f(theta) (the unperturbed loss, computed once and shared by the P directions). Each
     scalar is clipped to [-clip, clip] when clip > 0. A non-finite loss leaves theta and the model
-    exactly as they were (the non-finite values are returned for the caller to report)."""
+    exactly as they were (the non-finite values are returned for the caller to report). `decay`
+    = lr x zo.weight_decay: theta <- (1 - decay) theta before the update (decoupled weight decay)."""
     P = len(zs)
     scalars, losses = [], []
     base = None
@@ -102,6 +105,8 @@ def multi_step_(view: MaskedView, theta: torch.Tensor, zs: list[torch.Tensor], b
             scalar = max(-clip, min(clip, scalar))
         scalars.append(scalar)
     if all(math.isfinite(g) for g in scalars):
+        if decay:
+            theta.mul_(1.0 - decay)
         for z, g in zip(zs, scalars):
             theta.add_(z, alpha=-(lr * (g / P)))
     view.write_(theta)

@@ -111,10 +111,14 @@ def test_the_server_averages_the_clients_values_with_their_weights():
 
 
 def test_first_order_combinations_that_cannot_work_are_config_errors():
-    for extra, key in [("fed.aggregation=median", "fed.aggregation"), ("zo.clip=1.0", "zo.clip")]:
+    for extra, key in [("fed.aggregation=median", "fed.aggregation"), ("zo.clip=1.0", "zo.clip"),
+                       ("zo.num_perturbations=2", "zo.num_perturbations"), ("zo.estimator=forward", "zo.estimator"),
+                       ("zo.weight_decay=0.1", "zo.weight_decay")]:
         with pytest.raises(ConfigError, match=f"^{key}:.*first_order"):
             load_config(None, ["fed.algorithm=first_order", extra])
     load_config(None, ["fed.algorithm=first_order"])  # Meerkat-vp runs on the clients' exact GradIPs
+    with pytest.raises(ConfigError, match="^zo.weight_decay: zo.lr x weight_decay = 1 must be below 1"):
+        load_config(None, ["zo.lr=0.5", "zo.weight_decay=2"])
     with pytest.raises(ConfigError, match="^lora.targets:"):
         load_config(None, ["fed.algorithm=lora_zo", "lora.targets= , "])
 

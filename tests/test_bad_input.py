@@ -62,6 +62,7 @@ BOUNDS = {
     "zo.lr": ([1e-12], [0.0, -1e-3]),
     "zo.clip": ([0.0, 1e-9], [-1e-9]),                              # 0 = off
     "zo.num_perturbations": ([1, 4], [0, -1]),                      # P >= 1 directions per step
+    "zo.weight_decay": ([0.0, 1.0], [-1e-9]),                       # (and zo.lr x weight_decay < 1)
     "fed.rounds": ([1], [0]),
     "fed.local_steps": ([1], [0]),
     "fed.first_round_steps": ([0, 30], [-1]),                       # 0 = T (or vp.calib_steps)

@@ -149,3 +149,51 @@ def test_analyze_draws_one_point_per_step_with_two_directions(tmp_path):
     for series in plot.on("grad_ip"):
         rows = path[(path["client"] == series.meta["client"]) & (path["round"] == series.meta["round"])]
         assert series.y == pytest.approx(rows.groupby("step")["grad_ip"].sum().tolist(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- zo.weight_decay
+
+def test_a_step_with_weight_decay_shrinks_the_values_before_its_update(fresh_lm, tiny_mask, tiny_batch,
+                                                                       tiny_label_ids):
+    """Decoupled: theta <- (1 - lr wd) theta, then - lr g z, with g measured at the undecayed theta."""
+    view = MaskedView(fresh_lm.model, tiny_mask)
+    theta = view.gather()
+    start = theta.clone()
+    z = perturbation(seed_of(6, "test"), tiny_mask.n)
+    plus = own_loss(at(view, start, z, EPS), tiny_batch, tiny_label_ids)
+    minus = own_loss(at(view, start, z, -EPS), tiny_batch, tiny_label_ids)
+    view.write_(start)
+    (g,), _ = multi_step_(view, theta, [z], tiny_batch, tiny_label_ids, EPS, LR, decay=LR * 0.5)
+    assert g == pytest.approx((plus - minus) / (2 * EPS), rel=1e-5, abs=4e-7 / EPS)
+    assert torch.equal(theta, start.clone().mul_(1 - LR * 0.5).add_(z, alpha=-(LR * g)))
+
+
+@pytest.mark.slow
+def test_a_run_with_weight_decay_replays_from_its_folder_by_the_documented_aggregate(tmp_path):
+    """Round r: w <- (sum_k p_k a^T_k) w - lr sum over each step t and client k of
+    p_k a^(T_k - 1 - t) g_k^t z_t, a = 1 - lr wd (FedAvg of the clients' decayed paths), recomputed
+    here from path.parquet; replay_run agrees; and wd = 0.5 moves the bits of the run without it."""
+    wd = 0.5
+    run = run_folder(PERTURBED, tmp_path, "wd", f"zo.weight_decay={wd}")
+    plain = run_folder(PERTURBED, tmp_path, "plain")
+    path = pd.read_parquet(run / "path.parquet")
+    theta = load_file(str(run / "sparse_init.safetensors"))["theta"].clone()
+    for _, rows in path.groupby("round", sort=True):
+        scale, coefs, lrs = 0.0, {}, {}
+        for client, own in sorted(rows.groupby("client")):
+            steps, lr = len(own), float(own["lr"].iloc[0])
+            a = 1.0 - lr * wd
+            scale += float(own["weight"].iloc[0]) * a ** steps
+        for r in rows.sort_values(["step", "client"]).itertuples():
+            steps = int((rows["client"] == r.client).sum())
+            a = 1.0 - r.lr * wd
+            coefs[r.seed] = coefs.get(r.seed, 0.0) + r.weight * (a ** (steps - 1 - r.step) * r.scalar)
+            lrs[r.seed] = r.lr
+        theta.mul_(scale)
+        for seed, coef in coefs.items():
+            theta.add_(perturbation(seed, theta.numel()), alpha=-(lrs[seed] * coef))
+    final = load_file(str(run / "sparse_final.safetensors"))["theta"]
+    assert torch.equal(theta, final) and torch.equal(replay_run(run), final)
+    assert not torch.equal(final, load_file(str(plain / "sparse_final.safetensors"))["theta"])
+    first = read_metrics(run)[1]
+    assert first["downlink_bytes"] == read_metrics(plain)[1]["downlink_bytes"] + 3 * 8  # the scale, to each client

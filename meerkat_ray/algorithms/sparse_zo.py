@@ -36,14 +36,15 @@ class SparseZO(Algorithm):
             for t in range(plan.steps):
                 batch = worker.data.batch(plan.client, plan.cursor + t * worker.batch_size, worker.batch_size)
                 batch = batch.to(worker.device)
-                if P == 1 and self.estimator == "central":
+                if P == 1 and self.estimator == "central" and not worker.weight_decay:
                     scalar, loss = zo_step_(worker.view, theta, seeds[t], batch, worker.label_ids,
                                             worker.eps, plan.lr, worker.clip, z=next(draws))
                     step_scalars = [scalar]
                 else:
                     zs = [next(draws) for _ in range(P)]
                     step_scalars, loss = multi_step_(worker.view, theta, zs, batch, worker.label_ids, worker.eps,
-                                                     plan.lr, worker.clip, self.estimator)
+                                                     plan.lr, worker.clip, self.estimator,
+                                                     plan.lr * worker.weight_decay)
                 scalars += step_scalars
                 losses.append(loss)
         finally:
@@ -72,7 +73,7 @@ class SparseZO(Algorithm):
         from ..terms import apply_terms_
         from ..zo import perturbations
 
-        terms = strategy.terms(paths)
+        scale, terms = strategy.update(paths)
         dots: dict[int, float] = {}
 
         def on_z(seed: int, z: torch.Tensor) -> None:
@@ -83,8 +84,11 @@ class SparseZO(Algorithm):
             seeds = [t.seed for t in terms]
             for seed, z in zip(seeds, perturbations(seeds, theta.numel())):
                 on_z(seed, z)
-            terms = []
+            scale, terms = 1.0, []
         else:
+            if scale != 1.0:
+                theta.mul_(scale)
             apply_terms_(theta, terms, on_z)
         grad_ips = {p.client: [g * dots.get(s, math.nan) for s, g in zip(p.seeds, p.scalars)] for p in paths}
-        return theta, SyncMessage(round=round_, terms=terms, sharing=strategy.cfg.fed.seed_sharing), grad_ips
+        return theta, SyncMessage(round=round_, terms=terms, sharing=strategy.cfg.fed.seed_sharing,
+                                  scale=scale), grad_ips

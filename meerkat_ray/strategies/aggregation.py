@@ -20,6 +20,7 @@ computed in float64 on Python floats (sorted), so every process agrees.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -46,6 +47,24 @@ class ClientPath:
     seeds: list[int]
     scalars: list[float]
     lr: float
+
+
+def decayed(paths: list[ClientPath], weight_decay: float, perturbations: int = 1) -> tuple[float, list[ClientPath]]:
+    """Decoupled weight decay (zo.weight_decay = wd): each local step multiplies a client's values by
+    a = 1 - lr wd before its update, so after T_k steps theta_k = a^T_k theta_0 - lr sum_t
+    a^(T_k - 1 - t) g_t z_t. The round's average is then scale * theta + the rule's terms of the
+    decayed paths: returns (scale = sum_k p_k a^T_k, the paths with coefficient a^(T_k - 1 - t) g
+    for each of step t's P scalars). Every rule combines the decayed paths; wd = 0: (1.0, paths)."""
+    if weight_decay == 0 or not paths:
+        return 1.0, paths
+    scale, out = 0.0, []
+    for p in sorted(paths, key=lambda p: p.client):  # client-id order, like FedAvg's sum
+        a = 1.0 - p.lr * weight_decay
+        steps = len(p.scalars) // perturbations
+        scale += p.weight * a ** steps
+        out.append(dataclasses.replace(p, scalars=[a ** (steps - 1 - i // perturbations) * float(g)
+                                                   for i, g in enumerate(p.scalars)]))
+    return scale, out
 
 
 class Aggregation:

@@ -19,7 +19,7 @@ import numpy as np
 from ..gradip import calibration_windows, min_window
 from ..messages import Term
 from ..schedule import round_steps
-from .aggregation import AGGREGATIONS, Aggregation, ClientPath
+from .aggregation import AGGREGATIONS, Aggregation, ClientPath, decayed
 from .policies import RoundView, active_policies
 from .vp_rules import vp_rule
 
@@ -68,6 +68,12 @@ class ServerStrategy:
 
     def terms(self, paths: list[ClientPath]) -> list[Term]:
         return self.rule.terms(paths, self.cfg.fed.seed_sharing)
+
+    def update(self, paths: list[ClientPath]) -> tuple[float, list[Term]]:
+        """The round's aggregate as (scale, terms): theta <- scale * theta, then the terms (scale 1
+        unless zo.weight_decay > 0, `aggregation.decayed`)."""
+        scale, paths = decayed(paths, self.cfg.zo.weight_decay, self.cfg.zo.num_perturbations)
+        return scale, self.terms(paths)
 
     def end_round(self, round_: int, participants: list[int], losses: dict[int, list[float]],
                   grad_ips: dict[int, list[float]]) -> bool:
