@@ -81,6 +81,7 @@ class FedConfig:
     aggregation: str = "mean"      # mean (FedAvg) | median | trimmed_mean: per shared seed, over the clients' scalars
     trim_fraction: float = 0.1     # trimmed_mean: fraction of the lowest and of the highest scalars dropped per seed
     clients_per_round: int = 0     # clients sampled uniformly per round (seeded by run seed and round); 0 = all
+    seed_pool: int = 0             # K > 0: every step direction is one of K fixed per-run seeds (FedKSeed); 0 = fresh seeds
     algorithm: str = "sparse_zo"   # sparse_zo (Meerkat) | first_order (backprop + FedAvg of the masked values) | lora_zo (LoRA-FedZO)
     fo_lr: float = 0.0             # first_order: SGD learning rate on the masked values; 0 = zo.lr
 

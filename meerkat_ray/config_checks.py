@@ -80,6 +80,7 @@ RANGES = [
     ("vp.outlier_z", lambda v: v > 0, "> 0"),
     ("zo.num_perturbations", lambda v: v >= 1, ">= 1"),
     ("zo.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("fed.seed_pool", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("vp.trend_alpha", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("vp.min_window", lambda v: v >= 2, ">= 2"),
     ("vp.early_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
@@ -169,6 +170,9 @@ def check_algorithm(cfg: Config) -> None:
         if cfg.zo.num_perturbations != 1:
             raise ConfigError("zo.num_perturbations: ZO directions per step, and fed.algorithm=first_order "
                               "takes a gradient instead (set zo.num_perturbations=1)")
+        if cfg.fed.seed_pool:
+            raise ConfigError("fed.seed_pool: a pool of ZO step seeds, and fed.algorithm=first_order sends "
+                              "values (set fed.seed_pool=0)")
         if cfg.zo.weight_decay > 0:
             raise ConfigError("zo.weight_decay: decays the ZO steps' values, and fed.algorithm=first_order takes "
                               "gradient steps (set zo.weight_decay=0)")

@@ -69,6 +69,7 @@ BOUNDS = {
     "fed.eval_every": ([1], [0]),
     "fed.trim_fraction": ([0.0, 0.49], [0.5, -0.01]),               # dropping half from each end leaves nothing
     "fed.clients_per_round": ([0, 1, 6], [-1, 7]),                 # 0 = all; at most the 6 clients there are
+    "fed.seed_pool": ([0, 1, 4096], [-1]),                          # 0 = off
     "fed.fo_lr": ([0.0, 1e-12], [-1e-3]),                           # 0 = zo.lr
     "lora.rank": ([1], [0]),
     "lora.alpha": ([1e-9], [0.0]),

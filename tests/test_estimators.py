@@ -197,3 +197,27 @@ def test_a_run_with_weight_decay_replays_from_its_folder_by_the_documented_aggre
     assert not torch.equal(final, load_file(str(plain / "sparse_final.safetensors"))["theta"])
     first = read_metrics(run)[1]
     assert first["downlink_bytes"] == read_metrics(plain)[1]["downlink_bytes"] + 3 * 8  # the scale, to each client
+
+
+# ----------------------------------------------------------------------------- fed.seed_pool
+
+@pytest.mark.slow
+def test_a_seed_pool_draws_every_direction_from_k_candidates_and_merges_the_downlink(tmp_path):
+    """K = 2: each step's seed is candidate (its usual seed mod K), candidate j = blake2b seed of
+    (run seed, "pool", j); the round's FedAvg terms merge per candidate, so each client's sync is
+    8 + 8 x (candidates used) B; the run replays bit for bit."""
+    K, T, clients = 2, 3, 3
+    run = run_folder(PERTURBED, tmp_path, "pool", f"fed.seed_pool={K}", "vp.enabled=false")
+    path = pd.read_parquet(run / "path.parquet")
+    pool = [seed_of(0, "pool", j) for j in range(K)]
+    for row in path.itertuples():
+        assert row.seed == pool[seed_of(0, "z", row.round, row.step) % K]
+    final = load_file(str(run / "sparse_final.safetensors"))["theta"]
+    assert torch.equal(replay_run(run), final)
+    metrics = read_metrics(run)
+    for r in (1, 2):
+        used = path[path["round"] == r]["seed"].nunique()
+        assert used <= K
+        sync = 8 + 8 * used
+        plan = 8 * (5 + T)
+        assert metrics[r]["downlink_bytes"] == clients * (plan + sync), (r, used)

@@ -63,7 +63,7 @@ class Algorithm:
         step (`seeds.step_seeds`)."""
         sharing = cfg.fed.seed_sharing
         return step_seeds(cfg.seed, round_, client, round_steps(cfg, round_) if sharing == "round" else steps,
-                          sharing, self.perturbations)
+                          sharing, self.perturbations, cfg.fed.seed_pool)
 
     def lr(self, cfg) -> float:
         return cfg.zo.lr
