@@ -39,7 +39,18 @@ def results_table(collection: Collection) -> pd.DataFrame:
             "train_wall_s": s.get("train_wall_s", float(run.metrics["wall_s"].fillna(0).sum())),
             "run_dir": str(run.dir),
         })
+        if run.get("privacy.enabled"):  # DP-ZO: the largest client epsilon at the run's delta
+            rows[-1]["privacy_epsilon"] = (s.get("privacy") or {}).get("max_epsilon", private_epsilon(run))
+            rows[-1]["privacy_delta"] = run.get("privacy.delta")
     return pd.DataFrame(rows)
+
+
+def private_epsilon(run: Run) -> float | None:
+    """The largest client epsilon of the last round recorded (a run still going has no summary)."""
+    if "privacy_epsilon" not in run.metrics:
+        return None
+    values = [v for v in run.metrics["privacy_epsilon"].dropna()]
+    return max(values[-1].values()) if values else None
 
 
 def flag_counts(run: Run) -> dict | None:

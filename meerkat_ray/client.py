@@ -22,6 +22,18 @@ from .masked_view import MaskedView
 from .scoring import accuracy_and_loss, batch_scores
 
 
+class PrivateNoise:
+    """DP-ZO's clip and noise multiplier, and the worker's own generator for the Poisson samples and
+    the noise, seeded from the operating system: nothing of it derives from the run seed, so no
+    replay and no server can know it (the scalars it makes are what the replay uses)."""
+
+    def __init__(self, clip: float, noise_multiplier: float):
+        import secrets
+
+        self.clip, self.noise_multiplier = clip, noise_multiplier
+        self.generator = torch.Generator("cpu").manual_seed(secrets.randbits(63))
+
+
 class ClientData:
     """Tokenised training examples and which belong to which client.
 
@@ -51,6 +63,16 @@ class ClientData:
         return collate([self.tokens[i] for i in picked], [self.labels[i] for i in picked], self.pad_id)
 
 
+    def poisson_batch(self, client: int, batch_size: int, generator: torch.Generator) -> Batch | None:
+        """Each of the client's n examples with probability batch_size / n, from `generator` (DP-ZO's
+        sampling, `data.sampler=poisson`); None when none was drawn."""
+        own = self.client_indices[client]
+        picked = own[(torch.rand(len(own), generator=generator, dtype=torch.float64) < batch_size / len(own)).numpy()]
+        if not len(picked):
+            return None
+        return collate([self.tokens[int(i)] for i in picked], [self.labels[int(i)] for i in picked], self.pad_id)
+
+
 class ForwardsToWorker:
     """What hosts a ClientWorker (the in-process executor, a client actor) pass straight through.
 
@@ -77,9 +99,10 @@ class ClientWorker:
     def __init__(self, model: torch.nn.Module, mask, theta: torch.Tensor, data: ClientData,
                  label_ids: torch.Tensor, eps: float, batch_size: int, device, name: str = "local",
                  clip: float = 0.0, algorithm: str = "sparse_zo", grad_ip: bool = False, perturbations: int = 1,
-                 estimator: str = "central", weight_decay: float = 0.0):
+                 estimator: str = "central", weight_decay: float = 0.0, privacy=None):
         self.view = MaskedView(model, mask)
-        self.algorithm = make_algorithm(algorithm, perturbations, estimator)
+        self.algorithm = make_algorithm(algorithm, perturbations, estimator, privacy is not None)
+        self.privacy = privacy  # PrivateNoise (privacy.enabled) or None
         # g_pre on a worker only where its algorithm computes GradIP itself (first-order under Meerkat-vp)
         self.g_pre = mask.pretrain_grad if grad_ip and self.algorithm.needs_g_pre else None
         self.theta_global = theta.clone()

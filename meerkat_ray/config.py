@@ -45,6 +45,7 @@ class DataConfig:
     alpha: float = 2.0             # Dirichlet concentration (smaller = more skewed)
     extreme_fraction: float = 0.34  # mixed: fraction of single-label clients (6 clients -> 2)
     batch_size: int = 8            # examples per forward pass (both forwards of a ZO step share it)
+    sampler: str = "stream"        # stream: each client's epochs of shuffled examples, B per step | poisson: each example with rate B / n_k per step
     max_length: int = 48           # prompt tokens kept (left-truncated: the end of the prompt matters)
     eval_batch_size: int = 16      # examples per forward pass during evaluation (test set sorted by length: less padding)
 
@@ -131,6 +132,16 @@ class RayConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    enabled: bool = False          # DP-ZO: per-example clipped scalar differences + Gaussian noise, Poisson-sampled batches
+    clip: float = 1.0              # C: each example's (l_i(w+eps z) - l_i(w-eps z)) / (2 eps) is clipped to [-C, C]
+    noise_multiplier: float = 1.0  # sigma: N(0, sigma^2 C^2) is added to the sum of the clipped differences
+    delta: float = 1e-5            # epsilon is reported at this delta (record-level DP of each client's data)
+    target_epsilon: float = 0.0    # > 0: a run whose planned steps would give a client more epsilon is refused
+    noise_from_target: bool = False  # choose noise_multiplier from target_epsilon (the accountant's smallest sigma)
+
+
+@dataclass
 class TrackingConfig:
     mlflow_uri: str = ""           # MLflow tracking URI ("" = off): sqlite:///mlruns.db, http://127.0.0.1:5000, a folder
     mlflow_experiment: str = "meerkat-ray"  # MLflow experiment the runs are logged under
@@ -154,6 +165,7 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # lora_zo's adapters (algorithms/lora_zo.py)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def run_dir(self) -> Path:

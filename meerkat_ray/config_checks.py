@@ -31,6 +31,7 @@ CHOICES = {
     "mask.calib_corpus": ("pydoc", "c4"),
     "fed.seed_sharing": ("round", "client"),
     "zo.estimator": ("central", "forward"),
+    "data.sampler": ("stream", "poisson"),
     "fed.aggregation": tuple(AGGREGATIONS),  # the registries: a new variant is one entry there
     "fed.algorithm": tuple(ALGORITHMS),
     "vp.policy": tuple(name for name, p in POLICIES.items() if p.choice_of == "vp.policy"),
@@ -81,6 +82,10 @@ RANGES = [
     ("zo.num_perturbations", lambda v: v >= 1, ">= 1"),
     ("zo.weight_decay", lambda v: v >= 0, ">= 0"),
     ("fed.seed_pool", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("privacy.clip", lambda v: v > 0, "> 0"),
+    ("privacy.noise_multiplier", lambda v: v >= 0, ">= 0"),
+    ("privacy.delta", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    ("privacy.target_epsilon", lambda v: v >= 0, ">= 0 (0 = no budget)"),
     ("vp.trend_alpha", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("vp.min_window", lambda v: v >= 2, ">= 2"),
     ("vp.early_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
@@ -150,6 +155,7 @@ def validate(cfg: Config) -> Config:
         variant.check(cfg)
     check_algorithm(cfg)
     check_calibration(cfg)
+    check_privacy(cfg)
     if cfg.ray.chaos_kill_prob > 0 and cfg.executor != "ray":
         raise ConfigError("ray.chaos_kill_prob: kills client actors, so it needs executor=ray")
     if cfg.tracking.mlflow_uri and not MLFLOW_URI.fullmatch(cfg.tracking.mlflow_uri):
@@ -189,6 +195,26 @@ def check_algorithm(cfg: Config) -> None:
 def target_names(lora) -> list[str]:
     """lora.targets as a list of module names."""
     return [name.strip() for name in lora.targets.split(",") if name.strip()]
+
+
+def check_privacy(cfg: Config) -> None:
+    """DP-ZO (`privacy.*`): what the accountant's assumptions need of the rest of the config."""
+    p = cfg.privacy
+    if cfg.data.sampler == "poisson" and not p.enabled:
+        raise ConfigError("data.sampler: poisson sampling is the accountant's, used under privacy.enabled only")
+    if p.noise_from_target and not p.target_epsilon:
+        raise ConfigError("privacy.noise_from_target: chooses sigma from privacy.target_epsilon, which is 0")
+    if not p.enabled:
+        return
+    if cfg.data.sampler != "poisson":
+        raise ConfigError(f"privacy.enabled: the accountant assumes Poisson sampling, so it needs data.sampler=poisson "
+                          f"(got {cfg.data.sampler})")
+    if cfg.fed.algorithm not in ("sparse_zo", "lora_zo"):
+        raise ConfigError(f"privacy.enabled: privatises ZO scalars, and fed.algorithm={cfg.fed.algorithm} sends values")
+    if cfg.zo.num_perturbations != 1:
+        raise ConfigError("zo.num_perturbations: privacy.enabled accounts one noisy scalar per step (set it to 1)")
+    if cfg.zo.clip > 0:
+        raise ConfigError("zo.clip: privacy.clip clips each example's difference under privacy.enabled (set zo.clip=0)")
 
 
 def check_calibration(cfg: Config) -> None:

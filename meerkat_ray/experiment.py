@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .algorithms import make_algorithm
-from .client import ClientData, ClientWorker
+from .client import ClientData, ClientWorker, PrivateNoise
 from .config import Config
 from .errors import ConfigError, MeerkatError
 from .gradip import calibration_windows, min_window
@@ -53,6 +53,9 @@ def prepare_data(cfg: Config) -> DataSetup:
     partition = make_partition(labels, d.num_clients, d.partition, alpha=d.alpha,
                                extreme_fraction=d.extreme_fraction, seed=cfg.seed, num_classes=task.num_classes)
     setup = DataSetup(task=task, partition=partition)
+    from .privacy import check_plan
+
+    check_plan(cfg, setup.client_sizes)
     check_calibration_data(cfg, setup.client_sizes)
     return setup
 
@@ -140,4 +143,6 @@ def build_worker(cfg: Config, data: DataSetup, lm: LoadedModel, mask: Mask, thet
                         eps=cfg.zo.eps, batch_size=cfg.data.batch_size, device=lm.device, name=name,
                         clip=cfg.zo.clip, algorithm=cfg.fed.algorithm,
                         grad_ip=cfg.vp.enabled, perturbations=cfg.zo.num_perturbations, estimator=cfg.zo.estimator,
-                        weight_decay=cfg.zo.weight_decay)
+                        weight_decay=cfg.zo.weight_decay,
+                        privacy=PrivateNoise(cfg.privacy.clip, cfg.privacy.noise_multiplier)
+                        if cfg.privacy.enabled else None)

@@ -269,7 +269,7 @@ def make_summary(cfg: Config, data: DataSetup, mask_size: int, end: LoopEnd, met
     """summary.json, from the loop's record and the server's final JSON state."""
     last, state, vp = end.last, end.state, end.state["vp"]
     flagged, decided_round = list(vp["flagged"]), vp["decided_round"]
-    return {
+    summary = {
         "name": cfg.name,
         "algorithm": cfg.fed.algorithm,
         "replayable": ALGORITHMS[cfg.fed.algorithm].replayable,  # sparse_final from path.parquet alone
@@ -294,6 +294,16 @@ def make_summary(cfg: Config, data: DataSetup, mask_size: int, end: LoopEnd, met
         "vpcs_left_out": dict(vp.get("left_out") or {}),  # client -> why the decision could not judge it
         "train_wall_s": round(last["train_wall_s"], 2),
     }
+    if cfg.privacy.enabled:  # DP-ZO: each client's epsilon at delta for the steps it ran
+        from .privacy import rates, spent
+
+        epsilons = spent(cfg, data.client_sizes, state["private_steps"])
+        summary["privacy"] = {"epsilon": epsilons, "max_epsilon": max(epsilons.values(), default=0.0),
+                              "delta": cfg.privacy.delta, "noise_multiplier": cfg.privacy.noise_multiplier,
+                              "clip": cfg.privacy.clip, "sampling_rates": rates(cfg, data.client_sizes),
+                              "steps": list(state["private_steps"]), "accountant": "opacus RDP",
+                              "sampling": "poisson"}
+    return summary
 
 
 def print_summary(s: dict, run_dir: Path) -> None:
@@ -314,6 +324,10 @@ def print_summary(s: dict, run_dir: Path) -> None:
     if s["flagging"]:
         f = s["flagging"]
         row("flagging precision / recall", f"{_fmt(f['precision'])} / {_fmt(f['recall'])}")
+    if s.get("privacy"):
+        p = s["privacy"]
+        row("privacy (DP-ZO)", f"epsilon <= {p['max_epsilon']:.3g} per client at delta {p['delta']:g} "
+                               f"(noise multiplier {p['noise_multiplier']:.3g}, clip {p['clip']:g}, {p['accountant']})")
     row("wall time", f"{s['total_wall_s']:.1f} s")
 
 

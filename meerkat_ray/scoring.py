@@ -29,6 +29,13 @@ def classification_loss(model, batch: Batch, label_ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def example_losses(model, batch: Batch, label_ids: torch.Tensor) -> list[float]:
+    """Each example's cross-entropy over the verbalizer logits (DP-ZO clips them one by one)."""
+    logits = label_logits(model, batch, label_ids)
+    return [float(v) for v in F.cross_entropy(logits, batch.labels, reduction="none")]
+
+
+@torch.no_grad()
 def batch_scores(model, batches: list[Batch], label_ids: torch.Tensor, device) -> list[tuple[int, float, int]]:
     """(correct, summed loss, examples) per batch, so shards of a test set combine exactly."""
     scores = []

@@ -38,18 +38,23 @@ class Server:
         self.sizes = np.asarray(client_sizes, dtype=np.int64)
         self.cursors = np.zeros(len(client_sizes), dtype=np.int64)
         self.strategy = ServerStrategy(cfg, len(client_sizes), list(client_sizes))
-        self.algorithm = make_algorithm(cfg.fed.algorithm, cfg.zo.num_perturbations, cfg.zo.estimator)
+        self.algorithm = make_algorithm(cfg.fed.algorithm, cfg.zo.num_perturbations, cfg.zo.estimator,
+                                        cfg.privacy.enabled)
         self.uplink_bytes = 0
         self.downlink_bytes = 0
         self.local_steps = 0
+        self.private_steps = np.zeros(len(client_sizes), dtype=np.int64)  # DP-ZO: steps each client released
         self.planned: tuple[int, list[ClientPlan]] | None = None  # the last round planned, until it is finished
 
     def state_dict(self) -> dict:
         """What a resumed run needs besides the config and the global values (which the driver holds
         itself): JSON-able counters, data cursors and VPCS state; also what the summary reads."""
-        return {"cursors": self.cursors.tolist(), "uplink_bytes": self.uplink_bytes,
-                "downlink_bytes": self.downlink_bytes, "local_steps": self.local_steps,
-                "vp": self.strategy.state_dict()}
+        state = {"cursors": self.cursors.tolist(), "uplink_bytes": self.uplink_bytes,
+                 "downlink_bytes": self.downlink_bytes, "local_steps": self.local_steps,
+                 "vp": self.strategy.state_dict()}
+        if self.cfg.privacy.enabled:
+            state["private_steps"] = self.private_steps.tolist()
+        return state
 
     def theta_digest(self) -> str:
         return theta_digest(self.theta)
@@ -59,6 +64,8 @@ class Server:
         self.cursors = np.asarray(state["cursors"], dtype=np.int64)
         self.uplink_bytes, self.downlink_bytes = state["uplink_bytes"], state["downlink_bytes"]
         self.local_steps = state["local_steps"]
+        if "private_steps" in state:
+            self.private_steps = np.asarray(state["private_steps"], dtype=np.int64)
         self.strategy.load_state(state["vp"])
 
     @property
@@ -138,6 +145,7 @@ class Server:
             grad_ips_of = {k: [math.fsum(v[i: i + P]) for i in range(0, len(v), P)] for k, v in grad_ips_of.items()}
         for plan in plans:  # data consumed is consumed, accepted or not
             self.cursors[plan.client] += plan.steps * self.cfg.data.batch_size
+            self.private_steps[plan.client] += plan.steps  # a planned step counts as released (conservative)
         decided_now = self.strategy.end_round(round_, [p.client for p in plans],
                                               {p.client: list(by_client[p.client].losses) for p in accepted},
                                               grad_ips_of)
@@ -198,6 +206,10 @@ class Server:
             "rejected_reasons": {str(k): v for k, v in sorted(rejected.items())},
             "local_steps": steps,
         }
+        if self.cfg.privacy.enabled:  # each client's (epsilon, privacy.delta)-DP for the steps it has run
+            from .privacy import spent
+
+            metrics["privacy_epsilon"] = spent(self.cfg, self.sizes.tolist(), self.private_steps.tolist())
         if len(plans) < self.num_clients:  # a sampled round
             metrics["participants"] = [p.client for p in plans]
         if decided_now:  # the decision, visible in the round it is made

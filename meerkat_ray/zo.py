@@ -21,7 +21,7 @@ import torch
 
 from .batches import Batch
 from .masked_view import MaskedView
-from .scoring import classification_loss
+from .scoring import classification_loss, example_losses
 
 
 def perturbation(seed: int, n: int) -> torch.Tensor:
@@ -112,3 +112,43 @@ def multi_step_(view: MaskedView, theta: torch.Tensor, zs: list[torch.Tensor], b
     view.write_(theta)
     loss = base if estimator == "forward" else math.fsum(losses) / P
     return scalars, loss
+
+
+def dp_scalar(differences: list[float], clip: float, noise_multiplier: float, batch_size: int,
+              generator: torch.Generator) -> float:
+    """DP-ZO's released scalar: (sum_i clip(d_i, -C, C) + N(0, sigma^2 C^2)) / B, the sum in float64
+    (math.fsum), the noise from `generator` (the client's own, which no replay sees)."""
+    total = math.fsum(max(-clip, min(clip, d)) for d in differences)
+    noise = float(torch.randn(1, generator=generator, dtype=torch.float64)) * noise_multiplier * clip
+    return (total + noise) / batch_size
+
+
+def dp_step_(view: MaskedView, theta: torch.Tensor, z: torch.Tensor, batch: Batch | None, label_ids: torch.Tensor,
+             eps: float, lr: float, estimator: str, clip: float, noise_multiplier: float, batch_size: int,
+             generator: torch.Generator, decay: float = 0.0) -> float:
+    """One DP-ZO step on a Poisson-sampled `batch` (None: no example was drawn): each example's
+    difference d_i = [l_i(theta + eps z) - l_i(theta - eps z)] / (2 eps) (forward: [l_i(theta + eps z)
+    - l_i(theta)] / eps), then the noisy scalar of `dp_scalar`; theta <- (1 - decay) theta - lr g z.
+    Returns g (a non-finite loss leaves theta as it was and returns NaN)."""
+    differences: list[float] = []
+    if batch is not None:
+        if estimator == "forward":
+            view.write_(theta)
+            base = example_losses(view.model, batch, label_ids)
+        view.write_(theta, z, eps)
+        plus = example_losses(view.model, batch, label_ids)
+        if estimator == "forward":
+            differences = [(a - b) / eps for a, b in zip(plus, base)]
+        else:
+            view.write_(theta, z, -eps)
+            minus = example_losses(view.model, batch, label_ids)
+            differences = [(a - b) / (2.0 * eps) for a, b in zip(plus, minus)]
+    if not all(math.isfinite(d) for d in differences):
+        view.write_(theta)
+        return math.nan
+    scalar = dp_scalar(differences, clip, noise_multiplier, batch_size, generator)
+    if decay:
+        theta.mul_(1.0 - decay)
+    theta.add_(z, alpha=-(lr * scalar))
+    view.write_(theta)
+    return scalar

@@ -63,6 +63,10 @@ BOUNDS = {
     "zo.clip": ([0.0, 1e-9], [-1e-9]),                              # 0 = off
     "zo.num_perturbations": ([1, 4], [0, -1]),                      # P >= 1 directions per step
     "zo.weight_decay": ([0.0, 1.0], [-1e-9]),                       # (and zo.lr x weight_decay < 1)
+    "privacy.clip": ([1e-9], [0.0]),
+    "privacy.noise_multiplier": ([0.0, 2.0], [-1e-9]),
+    "privacy.delta": ([1e-9, 0.5], [0.0, 1.0]),
+    "privacy.target_epsilon": ([0.0, 8.0], [-1e-9]),                # 0 = no budget
     "fed.rounds": ([1], [0]),
     "fed.local_steps": ([1], [0]),
     "fed.first_round_steps": ([0, 30], [-1]),                       # 0 = T (or vp.calib_steps)
@@ -101,6 +105,7 @@ CONTRACT_CHOICES = {
     "mask.calib_corpus": {"pydoc", "c4"},
     "fed.seed_sharing": {"round", "client"},
     "zo.estimator": {"central", "forward"},
+    "data.sampler": {"stream", "poisson"},
     "fed.aggregation": {"mean", "median", "trimmed_mean"},
     "fed.algorithm": {"sparse_zo", "first_order", "lora_zo"},
     "vp.policy": {"gradip", "random"},
@@ -140,10 +145,13 @@ def test_each_numeric_key_accepts_and_refuses_at_its_boundaries(key, value, ok):
         assert str(err.value).startswith(f"{key}:"), str(err.value)
 
 
+NEEDS = {("data.sampler", "poisson"): ["privacy.enabled=true"]}  # a choice valid only with another key
+
+
 @pytest.mark.parametrize("key", sorted(CONTRACT_CHOICES))
 def test_each_choice_key_accepts_its_values_and_nothing_else(key):
     for value in CONTRACT_CHOICES[key]:
-        assert get_key(load_config(None, [f"{key}={value}"]), key) == value
+        assert get_key(load_config(None, [f"{key}={value}", *NEEDS.get((key, value), [])]), key) == value
     for value in ("no-such-choice", sorted(CONTRACT_CHOICES[key])[0].upper(), ""):
         with pytest.raises(ConfigError, match=f"^{re.escape(key)}:"):
             load_config(None, [f"{key}={value}"])

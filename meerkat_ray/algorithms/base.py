@@ -37,10 +37,11 @@ ALGORITHMS: dict[str, type[Algorithm]] = {}
 register = registrar(ALGORITHMS, NAMES)
 
 
-def make_algorithm(name: str, perturbations: int = 1, estimator: str = "central") -> Algorithm:
+def make_algorithm(name: str, perturbations: int = 1, estimator: str = "central", private: bool = False) -> Algorithm:
     """The algorithm `name`; a ZO one takes `perturbations` (zo.num_perturbations) directions per
-    step with the `estimator` (zo.estimator) of each direction's scalar."""
-    return ALGORITHMS[name](perturbations, estimator)
+    step with the `estimator` (zo.estimator) of each direction's scalar; `private`
+    (privacy.enabled): DP-ZO steps, whose uploads carry no losses."""
+    return ALGORITHMS[name](perturbations, estimator, private)
 
 
 @dataclass
@@ -54,8 +55,8 @@ class Algorithm:
     replayable = True
     needs_g_pre = False
 
-    def __init__(self, perturbations: int = 1, estimator: str = "central"):
-        self.perturbations, self.estimator = int(perturbations), estimator
+    def __init__(self, perturbations: int = 1, estimator: str = "central", private: bool = False):
+        self.perturbations, self.estimator, self.private = int(perturbations), estimator, private
 
     def plan_seeds(self, cfg, round_: int, client: int, steps: int) -> list[int]:
         """The seed list of a plan: round sharing, the round's list (every client the same, as long as

@@ -28,6 +28,8 @@ class SparseZO(Algorithm):
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
         from ..zo import multi_step_, perturbations, zo_step_
 
+        if self.private:
+            return self.private_steps(worker, plan, theta)
         scalars, losses = [], []
         P = self.perturbations
         seeds = plan.seeds[: plan.steps * P]
@@ -51,12 +53,32 @@ class SparseZO(Algorithm):
             draws.close()
         return LocalOutcome(scalars=scalars, losses=losses)
 
+    def private_steps(self, worker, plan, theta) -> LocalOutcome:
+        """DP-ZO (privacy.enabled): each step on a Poisson sample of the client's data, one noisy
+        scalar per step (`zo.dp_step_`); no loss is uploaded (it would be an unprotected release)."""
+        from ..zo import dp_step_, perturbations
+
+        dp = worker.privacy
+        seeds = plan.seeds[: plan.steps]
+        scalars = []
+        draws = perturbations(seeds, theta.numel())
+        try:
+            for z in draws:
+                batch = worker.data.poisson_batch(plan.client, worker.batch_size, dp.generator)
+                scalars.append(dp_step_(worker.view, theta, z, batch.to(worker.device) if batch is not None else None,
+                                        worker.label_ids, worker.eps, plan.lr, self.estimator, dp.clip,
+                                        dp.noise_multiplier, worker.batch_size, dp.generator,
+                                        plan.lr * worker.weight_decay))
+        finally:
+            draws.close()
+        return LocalOutcome(scalars=scalars, losses=[])
+
     def check_upload(self, plan, result, n: int, clip: float, vp: bool = False) -> str:
         """`plan.steps` finite scalars and losses, nothing else (no values, no GradIPs: the server
         computes GradIP itself). With `clip` > 0 (zo.clip) honest clients never send |scalar| > clip,
         so a larger one is refused."""
         reason = numbers_problem("scalars", result.scalars, plan.steps * self.perturbations) or \
-            numbers_problem("losses", result.losses, plan.steps)
+            numbers_problem("losses", result.losses, 0 if self.private else plan.steps)
         if reason:
             return reason
         if type(result) is not ClientResult:  # more than scalars and losses: an upload of another algorithm
