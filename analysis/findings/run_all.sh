@@ -149,7 +149,12 @@ f_seed() {
 
 # (h) 100-step calibration trajectories (round 1 only) for the held-out protocol of (h): the
 # development seeds first, then the held-out settings H1-H3. One run at a time.
-h_run() { run_default h "$@" fed.rounds=1 fed.eval_every=1 vp.calib_steps=100; }
+h_run() {  # then keep the files the scoring reads in analysis/findings/data/h/ (committed)
+  run_default h "$@" fed.rounds=1 fed.eval_every=1 vp.calib_steps=100
+  local keep=analysis/findings/data/h/$1
+  mkdir -p "$keep"
+  cp runs/findings/h/$1/{path.parquet,clients.json,config.yaml,summary.json,metrics.jsonl} "$keep/"
+}
 part_h_dev() { for s in 0 1; do locked h_run "h-default-s$s" seed="$s"; done; }
 part_h_held() {
   for s in 2 3 4 5 6 7 8 9; do locked h_run "h-default-s$s" seed="$s"; done
