@@ -73,14 +73,21 @@ PERTURBED = [*TINY_RUN, "data.num_train=96", "data.num_clients=3", "data.partiti
              "fed.local_steps=3", "fed.eval_every=2", "vp.calib_steps=3", "executor=local"]
 
 
+@pytest.fixture(scope="module")
+def two_directions(tmp_path_factory):
+    """P = 2 runs, one per estimator (the replay, resume and analyze tests share them)."""
+    out = tmp_path_factory.mktemp("p2")
+    return {e: run_folder(PERTURBED, out, e, "zo.num_perturbations=2", f"zo.estimator={e}") for e in ("central", "forward")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["central", "forward"])
-def test_a_run_with_two_directions_per_step_replays_bit_for_bit(tmp_path, estimator):
+def test_a_run_with_two_directions_per_step_replays_bit_for_bit(two_directions, estimator):
     """P = 2: path.parquet has 2 rows per step (perturbation 0, 1) whose seeds are the documented
     ones (direction 0 = the one-direction seed, direction 1 appends ("p", 1)) and whose scalar is
     g / P; an independent replay from those rows rebuilds sparse_final bit for bit, and so does
     replay_run; each row's GradIP is scalar x <g_pre, z>; the uplink counts 8 B per scalar."""
-    run = run_folder(PERTURBED, tmp_path, estimator, "zo.num_perturbations=2", f"zo.estimator={estimator}")
+    run = two_directions[estimator]
     path = pd.read_parquet(run / "path.parquet")
     assert sorted(path["perturbation"].unique()) == [0, 1]
     assert (path.groupby(["round", "client", "step"]).size() == 2).all()
@@ -109,7 +116,7 @@ def test_a_run_with_two_directions_per_step_replays_bit_for_bit(tmp_path, estima
 
 
 @pytest.mark.slow
-def test_a_run_with_two_directions_per_step_resumes_to_the_same_bits(tmp_path):
+def test_a_run_with_two_directions_per_step_resumes_to_the_same_bits(two_directions, tmp_path):
     """Interrupted after round 1's checkpoint and resumed: the same path.parquet (with its
     perturbation column) and sparse_final as the run straight through."""
     from conftest import assert_same_run
@@ -119,7 +126,7 @@ def test_a_run_with_two_directions_per_step_resumes_to_the_same_bits(tmp_path):
     from meerkat_ray.runner import run_experiment
 
     extra = ["zo.num_perturbations=2", "zo.estimator=forward"]
-    straight = run_folder(PERTURBED, tmp_path / "a", "p2", *extra)
+    straight = two_directions["forward"]
 
     class Stop(Exception):
         pass
@@ -128,22 +135,22 @@ def test_a_run_with_two_directions_per_step_resumes_to_the_same_bits(tmp_path):
         if round_ == 1:
             raise Stop
 
-    cfg = load_config(None, [*PERTURBED, *extra, "name=p2", f"output_dir={tmp_path / 'b'}"])
+    cfg = load_config(None, [*PERTURBED, *extra, "name=forward", f"output_dir={tmp_path}"])
     with pytest.raises(Stop):
         run_experiment(cfg, progress=False, on_round=stop_after_round_1)
-    assert not (tmp_path / "b" / "p2" / "summary.json").exists()
-    resumed_cfg, checkpoint = open_resume(tmp_path / "b" / "p2")
+    assert not (tmp_path / "forward" / "summary.json").exists()
+    resumed_cfg, checkpoint = open_resume(tmp_path / "forward")
     run_experiment(resumed_cfg, progress=False, resume=checkpoint)
-    assert "perturbation" in pd.read_parquet(tmp_path / "b" / "p2" / "path.parquet")
-    assert_same_run(straight, tmp_path / "b" / "p2")
+    assert "perturbation" in pd.read_parquet(tmp_path / "forward" / "path.parquet")
+    assert_same_run(straight, tmp_path / "forward")
 
 
 @pytest.mark.slow
-def test_analyze_draws_one_point_per_step_with_two_directions(tmp_path):
+def test_analyze_draws_one_point_per_step_with_two_directions(two_directions, tmp_path):
     """The GradIP figure of a P = 2 run has one point per local step, the sum of its two rows."""
     from analysis.report import analyze
 
-    run = run_folder(PERTURBED, tmp_path, "p2", "zo.num_perturbations=2", "fed.rounds=1", "fed.eval_every=1")
+    run = two_directions["central"]
     path = pd.read_parquet(run / "path.parquet")
     plot = analyze(run, tmp_path / "out").plots["gradip.png"]
     for series in plot.on("grad_ip"):

@@ -85,6 +85,7 @@ def test_a_private_run_replays_bit_for_bit_and_its_noise_is_not_the_run_seeds(pr
         assert row.grad_ip == pytest.approx(row.scalar * dot, rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_sigma_from_a_target_meets_it_and_a_plan_above_the_target_is_refused(tmp_path):
     from meerkat_ray.errors import ConfigError
     from meerkat_ray.experiment import prepare_data
