@@ -453,16 +453,47 @@ def thresholds(sweep: Path, out: Path) -> None:
     save(fig, out / "d_thresholds.png")
 
 
+def part_claim4(sweeps: Path, out: Path) -> None:
+    """Claim (4) where the stop can matter (findings (h)): Meerkat vs Meerkat-vp vs random stop over
+    16 rounds after the decision, per round mean ± s.e. over seeds, and the paired final differences."""
+    runs = runs_of(sweeps / "claim4" / "runs") + runs_of(sweeps / "claim4_meerkat" / "runs")
+    if not runs:
+        return
+    order = {"Meerkat": 0, "Meerkat-vp": 1, "random stop": 2}
+    groups = grouped(sorted(runs, key=lambda r: order[method_label(r)]), method_label)
+    seed_table("(h) claim (4): 16 rounds after the decision (embedded default)", groups)
+    paired_differences(groups, "Meerkat")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, group in groups.items():
+        curves = [pd.DataFrame(metrics_of(r["dir"])).dropna(subset=["accuracy"]).set_index("round") for r in group]
+        rounds = sorted(set.intersection(*(set(c.index) for c in curves)))
+        for ax, column in zip(axes, ("accuracy", "test_loss")):
+            values = np.array([[c.loc[r, column] for r in rounds] for c in curves], dtype=float)
+            mean = values.mean(axis=0)
+            sem = values.std(axis=0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
+            ax.plot(rounds, mean, marker="o", markersize=3, label=f"{label} ({len(curves)} seeds)")
+            ax.fill_between(rounds, mean - sem, mean + sem, alpha=0.2)
+    axes[0].set(xlabel="round", ylabel="test accuracy", title="accuracy, mean ± s.e. over seeds")
+    axes[1].set(xlabel="round", ylabel="test loss", title="test loss, mean ± s.e. over seeds")
+    for ax in axes:
+        ax.axvline(1.5, color="black", linestyle="--", linewidth=1)  # the decision, after round 1
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    save(fig, out / "h_claim4.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/findings", help="folder holding the parts' run folders")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="where the PNGs go")
     parser.add_argument("--sweep", default="sweeps/vp_thresholds", help="the sigma x rho sweep folder")
+    parser.add_argument("--sweeps", default="sweeps", help="where the claim (4) sweeps of (h) are")
     args = parser.parse_args()
     root, out = Path(args.runs), Path(args.out)
     for part in (part_a, part_b, part_b6, part_c, part_d, part_f):
         part(root, out)
     thresholds(Path(args.sweep), out)
+    part_claim4(Path(args.sweeps), out)
 
 
 if __name__ == "__main__":

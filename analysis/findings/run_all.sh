@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run_all.sh - the exact commands behind analysis/findings/README.md, in the order they were run.
 #
-#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 b6 c c2 d d2 e e2 f h_dev h_held figures
+#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 b6 c c2 d d2 e e2 f h_dev h_held h4 figures
 #                                               (default: a b b5 b6 c c2 e e2 f figures; d, d2: the old (d))
 #
 # Run from anywhere inside the repository. Run folders go to runs/findings/<part>/ (git-ignored);
@@ -163,6 +163,16 @@ part_h_held() {
   done
   for s in 0 1 2 3 4; do
     locked h_run "h-a03-s$s" seed="$s" data.num_clients=10 data.alpha=0.3 data.extreme_fraction=0.3
+  done
+}
+# (h) claim (4) where the stop can matter: 16 rounds after the decision, 3 seeds, one trial at a
+# time; `--resume` continues an interrupted sweep (the first command starts it).
+part_h4() {
+  for sweep in claim4 claim4_meerkat; do
+    local folder=sweeps/$sweep
+    if [[ -f $folder/results.parquet ]]; then echo "skip $sweep (done)"; continue; fi
+    if [[ -d $folder ]]; then locked .venv/bin/meerkat-ray tune "$CFG/$sweep.yaml" --resume
+    else locked .venv/bin/meerkat-ray tune "$CFG/$sweep.yaml"; fi
   done
 }
 
