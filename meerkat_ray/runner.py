@@ -154,7 +154,10 @@ def steps_reported(result) -> int:
     """Steps a result says it ran, for the progress bar only (a malformed one counts none; the
     server's checks decide what it is worth)."""
     losses = getattr(result, "losses", None)
-    return len(losses) if isinstance(losses, (list, tuple)) else 0
+    if isinstance(losses, (list, tuple)) and losses:
+        return len(losses)
+    scalars = getattr(result, "scalars", None)  # a private run uploads no losses: one scalar per step
+    return len(scalars) if isinstance(scalars, (list, tuple)) else 0
 
 
 def decision_line(round_: int, metrics: dict, extreme_clients: list[int] | None) -> str:

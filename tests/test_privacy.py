@@ -132,3 +132,11 @@ def test_analyze_reports_each_private_runs_epsilon(private_run, tmp_path):
     assert runs["privacy_epsilon"][0] == pytest.approx(summary["privacy"]["max_epsilon"])
     assert runs["privacy_delta"][0] == 1e-4
     assert "privacy_epsilon" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_the_progress_bar_counts_a_private_results_steps_by_its_scalars():
+    from meerkat_ray.messages import ClientResult
+    from meerkat_ray.runner import steps_reported
+
+    assert steps_reported(ClientResult(1, 0, [0.1, -0.2, 0.3], [])) == 3  # no losses are uploaded
+    assert steps_reported(ClientResult(1, 0, [0.1, -0.2], [0.5, 0.6])) == 2
