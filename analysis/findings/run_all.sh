@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run_all.sh - the exact commands behind analysis/findings/README.md, in the order they were run.
 #
-#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 b6 c c2 d d2 e e2 f h_dev h_held h4 figures
+#   analysis/findings/run_all.sh [PART ...]     PART: probe a b b5 b6 c c2 d d2 e e2 f h_dev h_held h4 dp est figures
 #                                               (default: a b b5 b6 c c2 e e2 f figures; d, d2: the old (d))
 #
 # Run from anywhere inside the repository. Run folders go to runs/findings/<part>/ (git-ignored);
@@ -173,6 +173,29 @@ part_h4() {
     if [[ -f $folder/results.parquet ]]; then echo "skip $sweep (done)"; continue; fi
     if [[ -d $folder ]]; then locked .venv/bin/meerkat-ray tune "$CFG/$sweep.yaml" --resume
     else locked .venv/bin/meerkat-ray tune "$CFG/$sweep.yaml"; fi
+  done
+}
+# (i) DP-ZO on the embedded default: sigma in {0, 0.5, 1, 2} at C = 10 (about the 80th percentile of
+# |scalar| in the development runs of (h): 25/50/75/90% = 0.9 / 2.9 / 7.5 / 14), 2 seeds, against the
+# non-private default of the same seeds. The noise on a step's scalar has s.d. sigma C / B = 1.25 sigma.
+part_dp() {
+  for s in 0 1; do
+    locked run_default i "i-nonprivate-s$s" seed="$s"
+    for sigma in 0 0.5 1 2; do
+      locked run_default i "i-dp-sigma$sigma-s$s" seed="$s" privacy.enabled=true data.sampler=poisson \
+        privacy.clip=10 privacy.noise_multiplier="$sigma"
+    done
+  done
+}
+# (i) the estimators at equal forward passes per round (16 per client): central P=1 and forward P=1
+# at T = 8, central P=2 and forward P=3 at T = 4 (VPCS off, so every client runs every step).
+part_est() {
+  for s in 0 1; do
+    locked run_default i "i-central-p1-s$s" seed="$s" vp.enabled=false
+    locked run_default i "i-forward-p1-s$s" seed="$s" vp.enabled=false zo.estimator=forward
+    locked run_default i "i-central-p2-s$s" seed="$s" vp.enabled=false zo.num_perturbations=2 fed.local_steps=4
+    locked run_default i "i-forward-p3-s$s" seed="$s" vp.enabled=false zo.estimator=forward \
+      zo.num_perturbations=3 fed.local_steps=4
   done
 }
 
