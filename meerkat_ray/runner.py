@@ -329,8 +329,10 @@ def print_summary(s: dict, run_dir: Path) -> None:
         row("flagging precision / recall", f"{_fmt(f['precision'])} / {_fmt(f['recall'])}")
     if s.get("privacy"):
         p = s["privacy"]
-        row("privacy (DP-ZO)", f"epsilon <= {p['max_epsilon']:.3g} per client at delta {p['delta']:g} "
-                               f"(noise multiplier {p['noise_multiplier']:.3g}, clip {p['clip']:g}, {p['accountant']})")
+        bound = ("no (epsilon, delta) bound: noise multiplier 0" if p["max_epsilon"] in (None, float("inf"))
+                 else f"epsilon <= {p['max_epsilon']:.3g} per client at delta {p['delta']:g}")
+        row("privacy (DP-ZO)", f"{bound} (noise multiplier {p['noise_multiplier']:.3g}, clip {p['clip']:g}, "
+                               f"{p['accountant']})")
     row("wall time", f"{s['total_wall_s']:.1f} s")
 
 

@@ -140,3 +140,14 @@ def test_the_progress_bar_counts_a_private_results_steps_by_its_scalars():
 
     assert steps_reported(ClientResult(1, 0, [0.1, -0.2, 0.3], [])) == 3  # no losses are uploaded
     assert steps_reported(ClientResult(1, 0, [0.1, -0.2], [0.5, 0.6])) == 2
+
+
+@pytest.mark.slow
+def test_without_noise_a_private_run_says_it_has_no_bound(tmp_path, capsys):
+    """sigma = 0: clipping and Poisson sampling but no guarantee; epsilon is null, the summary says so."""
+    from meerkat_ray.cli import main
+
+    assert main(["run", *PRIVATE, "privacy.noise_multiplier=0", f"output_dir={tmp_path}", "name=open"]) == 0
+    assert "no (epsilon, delta) bound: noise multiplier 0" in capsys.readouterr().out
+    privacy = json.loads((tmp_path / "open" / "summary.json").read_text())["privacy"]
+    assert privacy["max_epsilon"] is None and set(privacy["epsilon"].values()) == {None}
