@@ -40,7 +40,8 @@ def results_table(collection: Collection) -> pd.DataFrame:
             "run_dir": str(run.dir),
         })
         if run.get("privacy.enabled"):  # DP-ZO: the largest client epsilon at the run's delta
-            rows[-1]["privacy_epsilon"] = (s.get("privacy") or {}).get("max_epsilon", private_epsilon(run))
+            privacy = s.get("privacy") or {}
+            rows[-1]["privacy_epsilon"] = privacy["max_epsilon"] if "max_epsilon" in privacy else private_epsilon(run)
             rows[-1]["privacy_delta"] = run.get("privacy.delta")
     return pd.DataFrame(rows)
 
@@ -50,7 +51,8 @@ def private_epsilon(run: Run) -> float | None:
     if "privacy_epsilon" not in run.metrics:
         return None
     values = [v for v in run.metrics["privacy_epsilon"].dropna()]
-    return max(values[-1].values()) if values else None
+    last = [e for e in values[-1].values() if e is not None] if values else []
+    return max(last) if last and len(last) == len(values[-1]) else None  # None: no bound (sigma 0)
 
 
 def flag_counts(run: Run) -> dict | None:

@@ -114,8 +114,14 @@ def open_resume(run_dir: str | Path, ckpt: RunCheckpoint | None = None,
     cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
     ckpt = ckpt if ckpt is not None else RunCheckpoint.load(run_dir)
     configs = [(cfg, run_dir / "config.yaml")] + ([(expect, "the config being resumed")] if expect else [])
-    for config, label in configs if ckpt.config is not None else ():
-        key = first_difference(ckpt.config, to_dict(config), ignore=("name", "output_dir"))
+    made_with = ckpt.config
+    if made_with is not None:  # as the keys of today read it: a key added since takes its default
+        try:
+            made_with = to_dict(from_dict(made_with))
+        except ConfigError:
+            pass
+    for config, label in configs if made_with is not None else ():
+        key = first_difference(made_with, to_dict(config), ignore=("name", "output_dir"))
         if key:
             raise MeerkatError(f"{label}: {key} differs from the config the run was checkpointed with; a resumed "
                                "run must keep its config")

@@ -200,6 +200,8 @@ def target_names(lora) -> list[str]:
 def check_privacy(cfg: Config) -> None:
     """DP-ZO (`privacy.*`): what the accountant's assumptions need of the rest of the config."""
     p = cfg.privacy
+    if p.target_epsilon and not p.enabled:
+        raise ConfigError("privacy.target_epsilon: a privacy budget, but privacy.enabled is false")
     if cfg.data.sampler == "poisson" and not p.enabled:
         raise ConfigError("data.sampler: poisson sampling is the accountant's, used under privacy.enabled only")
     if p.noise_from_target and not p.target_epsilon:

@@ -18,6 +18,7 @@ from .client import ClientData, ClientWorker, PrivateNoise
 from .config import Config
 from .errors import ConfigError, MeerkatError
 from .gradip import calibration_windows, min_window
+from .privacy import check_plan, noise_multiplier
 from .mask import Mask, get_mask
 from .models import TINY_CONFIGS, LoadedModel, _in_hub_cache, _smollm2_folder, load_model
 from .partition import Partition, make_partition
@@ -53,8 +54,6 @@ def prepare_data(cfg: Config) -> DataSetup:
     partition = make_partition(labels, d.num_clients, d.partition, alpha=d.alpha,
                                extreme_fraction=d.extreme_fraction, seed=cfg.seed, num_classes=task.num_classes)
     setup = DataSetup(task=task, partition=partition)
-    from .privacy import check_plan
-
     check_plan(cfg, setup.client_sizes)
     check_calibration_data(cfg, setup.client_sizes)
     return setup
@@ -144,5 +143,5 @@ def build_worker(cfg: Config, data: DataSetup, lm: LoadedModel, mask: Mask, thet
                         clip=cfg.zo.clip, algorithm=cfg.fed.algorithm,
                         grad_ip=cfg.vp.enabled, perturbations=cfg.zo.num_perturbations, estimator=cfg.zo.estimator,
                         weight_decay=cfg.zo.weight_decay,
-                        privacy=PrivateNoise(cfg.privacy.clip, cfg.privacy.noise_multiplier)
+                        privacy=PrivateNoise(cfg.privacy.clip, noise_multiplier(cfg, data.client_sizes))
                         if cfg.privacy.enabled else None)

@@ -43,37 +43,53 @@ def planned_steps(cfg: Config) -> int:
     return sum(round_steps(cfg, r) for r in range(1, cfg.fed.rounds + 1))
 
 
-def check_plan(cfg: Config, sizes: list[int]) -> None:
-    """Before the run: refuse a full-batch sample, choose sigma from the target (noise_from_target),
-    and refuse a plan whose epsilon exceeds privacy.target_epsilon for some client (one line each)."""
+def noise_multiplier(cfg: Config, sizes: list[int]) -> float:
+    """The run's sigma: privacy.noise_multiplier, or with noise_from_target the accountant's smallest
+    sigma that keeps every client within privacy.target_epsilon over the planned steps (a pure
+    function of the config and the client sizes: every process computes the same; the config
+    itself is never changed, so a resumed run or a retried trial keeps its config)."""
+    p = cfg.privacy
+    if not p.noise_from_target:
+        return p.noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier
+
+    steps = planned_steps(cfg)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return max(float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
+                                                  sample_rate=r, steps=steps, accountant="rdp"))
+                       for r in rates(cfg, sizes))
+    except ValueError as exc:  # opacus: "The privacy budget is too low."
+        raise ConfigError(f"privacy.target_epsilon: {p.target_epsilon:g} at delta {p.delta:g} over {steps} steps is "
+                          f"out of the accountant's reach ({exc}); raise it or run fewer steps") from None
+
+
+def check_plan(cfg: Config, sizes: list[int]) -> float:
+    """Before the run: refuse a full-batch sample and a plan whose epsilon exceeds
+    privacy.target_epsilon for some client (one line each); returns the run's sigma."""
     p = cfg.privacy
     if not p.enabled:
-        return
+        return p.noise_multiplier
     q = rates(cfg, sizes)
     full = [k for k, r in enumerate(q) if r >= 1.0]
     if full:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is at least the {sizes[full[0]]} examples of client "
                           f"{full[0]}: a full-batch sample has no privacy amplification; lower data.batch_size")
     steps = planned_steps(cfg)
-    if p.noise_from_target:
-        from opacus.accountants.utils import get_noise_multiplier
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            p.noise_multiplier = max(float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
-                                                                 sample_rate=r, steps=steps, accountant="rdp"))
-                                     for r in q)
+    sigma = noise_multiplier(cfg, sizes)
     if p.target_epsilon:
         worst = max(range(len(q)), key=lambda k: q[k])
-        eps = epsilon(p.noise_multiplier, q[worst], steps, p.delta)
+        eps = epsilon(sigma, q[worst], steps, p.delta)
         if eps > p.target_epsilon:
             raise ConfigError(f"privacy.target_epsilon: the plan gives client {worst} epsilon {eps:.3g} at delta "
                               f"{p.delta:g} over {steps} steps (sampling rate {q[worst]:.3g}, noise_multiplier "
-                              f"{p.noise_multiplier:g}), above {p.target_epsilon:g}; raise privacy.noise_multiplier "
+                              f"{sigma:g}), above {p.target_epsilon:g}; raise privacy.noise_multiplier "
                               "or run fewer steps")
+    return sigma
 
 
 def spent(cfg: Config, sizes: list[int], steps: list[int]) -> dict[str, float]:
     """client -> epsilon for the steps it has run so far."""
-    p = cfg.privacy
-    return {str(k): epsilon(p.noise_multiplier, r, int(s), p.delta) for k, (r, s) in enumerate(zip(rates(cfg, sizes), steps))}
+    sigma, delta = noise_multiplier(cfg, sizes), cfg.privacy.delta
+    return {str(k): epsilon(sigma, r, int(s), delta) for k, (r, s) in enumerate(zip(rates(cfg, sizes), steps))}

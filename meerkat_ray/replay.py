@@ -73,5 +73,6 @@ def replay_run(run_dir) -> torch.Tensor:
     if not ALGORITHMS[cfg.fed.algorithm].replayable:
         raise MeerkatError(f"{run_dir}: fed.algorithm={cfg.fed.algorithm} is not seed-replayable "
                            "(its clients send values, not scalars), so it cannot be replayed")
-    return replay_path(load_theta(run_dir / "sparse_init.safetensors"), read_path(run_dir), rule=rule_for(cfg),
+    return replay_path(load_theta(run_dir / "sparse_init.safetensors"), read_path(run_dir), cfg.fed.seed_sharing,
+                       rule=rule_for(cfg),
                        weight_decay=cfg.zo.weight_decay, perturbations=cfg.zo.num_perturbations)

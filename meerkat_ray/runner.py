@@ -298,11 +298,11 @@ def make_summary(cfg: Config, data: DataSetup, mask_size: int, end: LoopEnd, met
         "train_wall_s": round(last["train_wall_s"], 2),
     }
     if cfg.privacy.enabled:  # DP-ZO: each client's epsilon at delta for the steps it ran
-        from .privacy import rates, spent
+        from .privacy import noise_multiplier, rates, spent
 
         epsilons = spent(cfg, data.client_sizes, state["private_steps"])
         summary["privacy"] = {"epsilon": epsilons, "max_epsilon": max(epsilons.values(), default=0.0),
-                              "delta": cfg.privacy.delta, "noise_multiplier": cfg.privacy.noise_multiplier,
+                              "delta": cfg.privacy.delta, "noise_multiplier": noise_multiplier(cfg, data.client_sizes),
                               "clip": cfg.privacy.clip, "sampling_rates": rates(cfg, data.client_sizes),
                               "steps": list(state["private_steps"]), "accountant": "opacus RDP",
                               "sampling": "poisson"}

@@ -3,6 +3,7 @@
 Fixtures here are shared by several test files; add new ones below, never remove others'.
 """
 import os
+import sys
 
 # Nothing in the tests may touch the network: without these a hub miss retries for ~23 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,8 +111,19 @@ def ray_cluster():
     logical GPUs, so fractional-GPU placement is exercised on a CPU machine. Code under test that
     calls `distributed.cluster.connect` finds it initialised and uses it instead of starting another.
     address="local": always a fresh instance, never a cluster someone started on this machine."""
+    import logging
+
     import ray
 
+    # Ray's driver log handler keeps the sys.stderr of the moment ray was first imported: when
+    # that was inside a test's capsys / capfd, the stream is closed by now, and every later Ray log
+    # line becomes a "--- Logging error ---" on the stderr the current test reads. Point it at the
+    # process's own stderr (fd 2, which pytest still captures at the file-descriptor level).
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger("ray").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.stream = sys.__stderr__
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray

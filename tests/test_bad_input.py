@@ -66,7 +66,7 @@ BOUNDS = {
     "privacy.clip": ([1e-9], [0.0]),
     "privacy.noise_multiplier": ([0.0, 2.0], [-1e-9]),
     "privacy.delta": ([1e-9, 0.5], [0.0, 1.0]),
-    "privacy.target_epsilon": ([0.0, 8.0], [-1e-9]),                # 0 = no budget
+    "privacy.target_epsilon": ([0.0, 8.0], [-1e-9], ["privacy.enabled=true", "data.sampler=poisson"]),  # 0 = none
     "fed.rounds": ([1], [0]),
     "fed.local_steps": ([1], [0]),
     "fed.first_round_steps": ([0, 30], [-1]),                       # 0 = T (or vp.calib_steps)

@@ -228,3 +228,45 @@ def test_a_seed_pool_draws_every_direction_from_k_candidates_and_merges_the_down
         sync = 8 + 8 * used
         plan = 8 * (5 + T)
         assert metrics[r]["downlink_bytes"] == clients * (plan + sync), (r, used)
+
+
+
+@pytest.mark.slow
+def test_weight_decay_with_a_probe_round_replays_bit_for_bit(tmp_path):
+    """A probe round's weights are 0 and nothing is applied: its decay scale must not zero theta."""
+    run = run_folder(PERTURBED, tmp_path, "probe", "zo.weight_decay=0.5", "vp.calibration=probe", "fed.rounds=2")
+    final = load_file(str(run / "sparse_final.safetensors"))["theta"]
+    assert torch.equal(replay_run(run), final)
+
+
+@pytest.mark.slow
+def test_a_seed_pool_with_client_sharing_replays_with_the_runs_own_sharing(tmp_path):
+    """One client a round (fed.clients_per_round=1): the seeds alone cannot tell the two sharing
+    modes apart, and with a pool of 2 they merge differently; the replay reads the run's mode."""
+    run = run_folder(PERTURBED, tmp_path, "pool", "fed.seed_pool=2", "fed.seed_sharing=client",
+                     "fed.clients_per_round=1", "vp.enabled=false", "fed.rounds=3")
+    assert torch.equal(replay_run(run), load_file(str(run / "sparse_final.safetensors"))["theta"])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_made_before_a_key_existed_still_resumes(tmp_path):
+    """A checkpoint's config written before the privacy.* keys and zo.weight_decay existed reads
+    them as their defaults, so the run resumes instead of being refused for a difference."""
+    from meerkat_ray.checkpoint import RunCheckpoint, open_resume
+    from meerkat_ray.config import load_config
+    from meerkat_ray.runner import run_experiment
+
+    class Stop(Exception):
+        pass
+
+    def stop(round_, *args):
+        if round_ == 1:
+            raise Stop
+
+    cfg = load_config(None, [*PERTURBED, "name=old", f"output_dir={tmp_path}"])
+    with pytest.raises(Stop):
+        run_experiment(cfg, progress=False, on_round=stop)
+    ckpt = RunCheckpoint.load(tmp_path / "old")
+    del ckpt.config["privacy"], ckpt.config["zo"]["weight_decay"], ckpt.config["data"]["sampler"]
+    resumed, _ = open_resume(tmp_path / "old", ckpt=ckpt)
+    assert resumed.privacy.enabled is False

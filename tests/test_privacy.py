@@ -87,20 +87,31 @@ def test_a_private_run_replays_bit_for_bit_and_its_noise_is_not_the_run_seeds(pr
 
 @pytest.mark.slow
 def test_sigma_from_a_target_meets_it_and_a_plan_above_the_target_is_refused(tmp_path):
+    """noise_from_target: the run's sigma keeps every client within the target (checked with the
+    library), it is the summary's, and the config stays as written (a resumed run or a retried
+    trial compares its config with the checkpoint's); a plan above the target is refused."""
+    from meerkat_ray.checkpoint import open_resume
     from meerkat_ray.errors import ConfigError
     from meerkat_ray.experiment import prepare_data
+    from meerkat_ray.privacy import noise_multiplier
 
     cfg = load_config(None, [*PRIVATE, "privacy.target_epsilon=3", "privacy.noise_from_target=true"])
     data = prepare_data(cfg)
+    assert cfg.privacy.noise_multiplier == 1.5  # as written: never overwritten
     steps = 6  # 2 rounds of 3
-    sigma = cfg.privacy.noise_multiplier
+    sigma = noise_multiplier(cfg, data.client_sizes)
     worst = max(4 / n for n in data.client_sizes)
     assert library_epsilon(sigma, worst, steps, 1e-4) <= 3 < library_epsilon(0.9 * sigma, worst, steps, 1e-4)
     with pytest.raises(ConfigError, match="^privacy.target_epsilon: the plan gives client"):
         prepare_data(load_config(None, [*PRIVATE, "privacy.target_epsilon=0.01"]))
+    with pytest.raises(ConfigError, match="^privacy.target_epsilon: 0.001 at delta"):  # out of the accountant's reach
+        prepare_data(load_config(None, [*PRIVATE, "privacy.target_epsilon=0.001", "privacy.noise_from_target=true"]))
     run = run_folder(PRIVATE, tmp_path, "target", "privacy.target_epsilon=3", "privacy.noise_from_target=true")
-    written = yaml.safe_load((run / "config.yaml").read_text())["privacy"]
-    assert written["noise_multiplier"] == pytest.approx(sigma)
+    assert json.loads((run / "summary.json").read_text())["privacy"]["noise_multiplier"] == pytest.approx(sigma)
+    assert yaml.safe_load((run / "config.yaml").read_text())["privacy"]["noise_multiplier"] == 1.5
+    expect = load_config(None, [*PRIVATE, "privacy.target_epsilon=3", "privacy.noise_from_target=true",
+                                f"output_dir={tmp_path}", "name=target"])
+    open_resume(run, expect=expect)  # the trial's own config still matches its checkpoint
 
 
 @pytest.mark.parametrize("override, key", [
@@ -112,11 +123,12 @@ def test_sigma_from_a_target_meets_it_and_a_plan_above_the_target_is_refused(tmp
     ("data.batch_size=200", "data.batch_size"),                 # a full batch: no amplification
     ("zo.num_perturbations=2", "zo.num_perturbations"),
     ("privacy.target_epsilon=0.01", "privacy.target_epsilon"),  # the plan spends more
+    ("privacy.enabled=false data.sampler=stream privacy.target_epsilon=1", "privacy.target_epsilon"),
 ])
 def test_a_private_run_that_cannot_keep_its_promise_is_refused_in_one_line(tmp_path, capfd, override, key):
     from meerkat_ray.cli import main
 
-    code = main(["run", *PRIVATE, f"output_dir={tmp_path}", "name=bad", override, "--quiet"])
+    code = main(["run", *PRIVATE, f"output_dir={tmp_path}", "name=bad", *override.split(), "--quiet"])
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {key}:"), err
     assert not (tmp_path / "bad").exists()

@@ -8,7 +8,8 @@ For each run: every client's calibration trajectory (its first vp.calib_steps Gr
 and steps in order), rho_later = S(early) / S(late) and the quiet fraction of the late phase below
 sigma x the median over clients of S(late) (vp.reference=late; S(early) for early), with S the chosen statistic; the flags that follow
 from the thresholds, and precision / recall against clients.json's truly extreme clients. Written
-from MEERKAT.md section 1 without the training code, so it doubles as an audit of summary.json.
+from MEERKAT.md section 1 without the training code, so it doubles as an audit of summary.json
+(of the paper rule, every client on its whole calibration: runs whose clients all hold a pass).
 Thresholds default to each run's own config. With --grid-sigma and --grid-rho: one markdown table
 of flagging precision and recall pooled over all the runs, per (sigma, rho) cell (the decision
 depends on the calibration round alone, which every cell shares).
@@ -43,7 +44,10 @@ def statistics(run_dir: Path, statistic: str | None = None, reference: str | Non
     """client -> its rho_later, late phase and the population reference; plus the run's vp config."""
     vp = yaml.safe_load((run_dir / "config.yaml").read_text())["vp"]
     stat = np.median if (statistic or vp.get("statistic", "mean")) == "median" else np.mean
-    path = pd.read_parquet(run_dir / "path.parquet").sort_values(["client", "round", "step"])
+    path = pd.read_parquet(run_dir / "path.parquet")
+    if "perturbation" in path:  # P > 1 directions: a step's GradIP is the sum of its rows
+        path = path.groupby(["client", "round", "step"], as_index=False)["grad_ip"].sum()
+    path = path.sort_values(["client", "round", "step"])
     steps = int(vp["calib_steps"])
     traj = {int(k): np.abs(g["grad_ip"].to_numpy(float)[:steps]) for k, g in path.groupby("client")}
     traj = {k: v for k, v in traj.items() if len(v) == steps}

@@ -55,8 +55,8 @@ def decayed(paths: list[ClientPath], weight_decay: float, perturbations: int = 1
     a^(T_k - 1 - t) g_t z_t. The round's average is then scale * theta + the rule's terms of the
     decayed paths: returns (scale = sum_k p_k a^T_k, the paths with coefficient a^(T_k - 1 - t) g
     for each of step t's P scalars). Every rule combines the decayed paths; wd = 0: (1.0, paths)."""
-    if weight_decay == 0 or not paths:
-        return 1.0, paths
+    if weight_decay == 0 or not paths or not any(p.weight for p in paths):
+        return 1.0, paths  # (a probe round: weights 0, nothing is applied)
     scale, out = 0.0, []
     for p in sorted(paths, key=lambda p: p.client):  # client-id order, like FedAvg's sum
         a = 1.0 - p.lr * weight_decay

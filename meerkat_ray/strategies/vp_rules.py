@@ -130,6 +130,9 @@ class SharedStepsRule(VPRule):
         if cfg.fed.seed_sharing != "round":
             raise ConfigError(f"vp.rule: {cls.name} compares the clients at each shared step direction, so it needs "
                               f"fed.seed_sharing=round (got {cfg.fed.seed_sharing})")
+        if cfg.zo.num_perturbations > 1:
+            raise ConfigError(f"vp.rule: {cls.name} divides out the step's shared <g_pre, z_t>, which a step of "
+                              "zo.num_perturbations > 1 directions does not have (use vp.rule=paper)")
         if cfg.vp.calibration == "rounds" and cfg.fed.clients_per_round > 0:
             raise ConfigError(f"vp.rule: {cls.name} compares the clients' t-th calibration steps, which "
                               "vp.calibration=rounds with fed.clients_per_round takes in different rounds")
