@@ -9,6 +9,7 @@ from `opacus.accountants.utils.get_noise_multiplier`. Nothing here is hand-writt
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import TYPE_CHECKING
 
@@ -51,18 +52,23 @@ def noise_multiplier(cfg: Config, sizes: list[int]) -> float:
     p = cfg.privacy
     if not p.noise_from_target:
         return p.noise_multiplier
-    from opacus.accountants.utils import get_noise_multiplier
-
     steps = planned_steps(cfg)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return max(float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
-                                                  sample_rate=r, steps=steps, accountant="rdp"))
-                       for r in rates(cfg, sizes))
+    try:  # the most-sampled client needs the most noise
+        return _sigma_for(p.target_epsilon, p.delta, max(rates(cfg, sizes)), steps)
     except ValueError as exc:  # opacus: "The privacy budget is too low."
         raise ConfigError(f"privacy.target_epsilon: {p.target_epsilon:g} at delta {p.delta:g} over {steps} steps is "
                           f"out of the accountant's reach ({exc}); raise it or run fewer steps") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _sigma_for(target_epsilon: float, delta: float, rate: float, steps: int) -> float:
+    """opacus's smallest noise multiplier for the target (a search over sigma: computed once a run)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate,
+                                          steps=steps, accountant="rdp"))
 
 
 def check_plan(cfg: Config, sizes: list[int]) -> float:
