@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from .config import Config, from_dict, read_yaml, to_dict
 from .errors import ConfigError, MeerkatError
-from .runlog import PATH_COLUMNS, RunWriter, atomic_path, read_metrics, read_path, remove_stale_temps
+from .runlog import RunWriter, path_columns, atomic_path, read_metrics, read_path, remove_stale_temps
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 META_KEY = "meerkat_checkpoint"
@@ -72,8 +72,7 @@ class RunCheckpoint:
             raise MeerkatError(f"{Path(run_dir) / 'metrics.jsonl'}: ends before round {self.round}, the checkpoint's")
         path = read_path(run_dir) if (Path(run_dir) / "path.parquet").is_file() else None
         if path is not None and len(path):
-            columns = PATH_COLUMNS + (["perturbation"] if "perturbation" in path else [])
-            writer.path_frames = [path[path["round"] <= self.round][columns].reset_index(drop=True)]
+            writer.path_frames = [path[path["round"] <= self.round][path_columns(path)].reset_index(drop=True)]
         writer.metrics = kept[:-1]
         writer.add_round(kept[-1], None)  # rewrites metrics.jsonl and path.parquet
         return writer

@@ -34,6 +34,11 @@ from .errors import MeerkatError
 PATH_COLUMNS = ["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"]
 
 
+def path_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns of path rows as path.parquet keeps them (+ perturbation when P > 1)."""
+    return PATH_COLUMNS + (["perturbation"] if "perturbation" in frame else [])
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path beside `path`; on success rename it over `path` (never a truncated file)."""
@@ -119,8 +124,7 @@ class RunWriter:
         self.metrics.append(_json_safe(metrics))
         write_text(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
         if path_rows is not None and len(path_rows):
-            extra = ["perturbation"] if "perturbation" in path_rows else []
-            self.path_frames.append(path_rows[PATH_COLUMNS + extra])
+            self.path_frames.append(path_rows[path_columns(path_rows)])
         self.write_path()
         self.scalars.add_round(self.metrics)
 

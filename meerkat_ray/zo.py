@@ -61,17 +61,8 @@ def zo_step_(view: MaskedView, theta: torch.Tensor, seed: int, batch: Batch, lab
     `z`, when given, must be `perturbation(seed, n)` (drawn ahead by `perturbations`).
     """
     z = perturbation(seed, theta.numel()) if z is None else z
-    view.write_(theta, z, eps)
-    loss_plus = classification_loss(view.model, batch, label_ids)
-    view.write_(theta, z, -eps)
-    loss_minus = classification_loss(view.model, batch, label_ids)
-    scalar = (loss_plus - loss_minus) / (2.0 * eps)
-    if clip > 0 and math.isfinite(scalar):
-        scalar = max(-clip, min(clip, scalar))
-    if math.isfinite(scalar):
-        theta.add_(z, alpha=-(lr * scalar))
-    view.write_(theta)
-    return scalar, 0.5 * (loss_plus + loss_minus)
+    (scalar,), loss = multi_step_(view, theta, [z], batch, label_ids, eps, lr, clip)  # P = 1: g / 1 is g
+    return scalar, loss
 
 
 def multi_step_(view: MaskedView, theta: torch.Tensor, zs: list[torch.Tensor], batch: Batch, label_ids: torch.Tensor,

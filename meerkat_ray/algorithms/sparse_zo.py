@@ -26,7 +26,7 @@ class SparseZO(Algorithm):
     replayable = True
 
     def local_steps(self, worker, plan, theta) -> LocalOutcome:
-        from ..zo import multi_step_, perturbations, zo_step_
+        from ..zo import multi_step_, perturbations
 
         if self.private:
             return self.private_steps(worker, plan, theta)
@@ -38,15 +38,9 @@ class SparseZO(Algorithm):
             for t in range(plan.steps):
                 batch = worker.data.batch(plan.client, plan.cursor + t * worker.batch_size, worker.batch_size)
                 batch = batch.to(worker.device)
-                if P == 1 and self.estimator == "central" and not worker.weight_decay:
-                    scalar, loss = zo_step_(worker.view, theta, seeds[t], batch, worker.label_ids,
-                                            worker.eps, plan.lr, worker.clip, z=next(draws))
-                    step_scalars = [scalar]
-                else:
-                    zs = [next(draws) for _ in range(P)]
-                    step_scalars, loss = multi_step_(worker.view, theta, zs, batch, worker.label_ids, worker.eps,
-                                                     plan.lr, worker.clip, self.estimator,
-                                                     plan.lr * worker.weight_decay)
+                zs = [next(draws) for _ in range(P)]
+                step_scalars, loss = multi_step_(worker.view, theta, zs, batch, worker.label_ids, worker.eps,
+                                                 plan.lr, worker.clip, self.estimator, plan.lr * worker.weight_decay)
                 scalars += step_scalars
                 losses.append(loss)
         finally:
