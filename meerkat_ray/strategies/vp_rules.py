@@ -1,8 +1,8 @@
 """Meerkat-vp's decision rules (`vp.rule`): from every judged client's calibration trajectory of
 |GradIP|, the per-client statistics and the flagged (extreme non-IID) clients.
 
-A rule is a class registered with `@register("name")`; `params` names the `vp.*` keys it reads.
-The server, the `gradip` / `random` policies and the analysis build it with `vp_rule(cfg.vp)`.
+A rule is a class registered with `@register("name")` that reads its `vp.*` keys from the VPConfig
+it is built with. The server, the `gradip` / `random` policies and the analysis build it with `vp_rule(cfg.vp)`.
 
 Every client k is judged on its *window*: its first W_k = min(calib_steps, floor(n_k / B))
 calibration steps, the steps that read each of its n_k examples at most once (B = data.batch_size).
@@ -70,8 +70,6 @@ def vp_rule(vp: VPConfig) -> VPRule:
 
 class VPRule:
     name = ""
-    params: tuple[str, ...] = ()   # the vp.* keys the rule reads
-    drawn = ("", "")               # (statistic, what it is compared with) drawn in the analyze report
 
     def __init__(self, vp: VPConfig):
         self.vp = vp
@@ -90,8 +88,7 @@ class VPRule:
 
 @register("paper")
 class PaperRule(VPRule):
-    params = ("statistic", "reference", "sigma", "rho", "min_quiet_fraction", "early_fraction", "late_fraction")
-    drawn = ("quiet line", "sigma x reference")
+    """Reads vp.statistic, reference, sigma, rho, min_quiet_fraction and the phase fractions."""
 
     def statistics(self, trajectories):
         return {k: vars(s) for k, s in vpcs_statistics(trajectories, self.vp).items()}
@@ -140,8 +137,7 @@ class SharedStepsRule(VPRule):
 
 @register("stepwise")
 class StepwiseRule(SharedStepsRule):
-    params = ("late_fraction", "early_fraction", "outlier_z")
-    drawn = ("z", "-outlier_z")
+    """Reads vp.outlier_z and the phase fractions."""
 
     def statistics(self, trajectories):
         relative = relative_levels(trajectories)
@@ -178,8 +174,7 @@ def mann_kendall_z(values: np.ndarray) -> float:
 
 @register("trend")
 class TrendRule(SharedStepsRule):
-    params = ("late_fraction", "early_fraction", "trend_alpha")
-    drawn = ("trend_z", "z_crit")
+    """Reads vp.trend_alpha and the phase fractions (its level is the late phase's)."""
 
     def statistics(self, trajectories):
         relative = relative_levels(trajectories)
