@@ -178,23 +178,29 @@ part_h4() {
 # (i) DP-ZO on the embedded default: sigma in {0, 0.5, 1, 2} at C = 10 (about the 80th percentile of
 # |scalar| in the development runs of (h): 25/50/75/90% = 0.9 / 2.9 / 7.5 / 14), 2 seeds, against the
 # non-private default of the same seeds. The noise on a step's scalar has s.d. sigma C / B = 1.25 sigma.
+i_run() {  # run_default i NAME ..., then keep what the figures read in analysis/findings/data/i/ (committed)
+  run_default i "$@"
+  local keep=analysis/findings/data/i/$1
+  mkdir -p "$keep"
+  cp runs/findings/i/$1/{path.parquet,clients.json,config.yaml,summary.json,metrics.jsonl} "$keep/"
+}
 part_dp() {
   for s in 0 1; do
-    locked run_default i "i-nonprivate-s$s" seed="$s"
     for sigma in 0 0.5 1 2; do
-      locked run_default i "i-dp-sigma$sigma-s$s" seed="$s" privacy.enabled=true data.sampler=poisson \
+      locked i_run "i-dp-sigma$sigma-s$s" seed="$s" privacy.enabled=true data.sampler=poisson \
         privacy.clip=10 privacy.noise_multiplier="$sigma"
     done
+    locked i_run "i-nonprivate-s$s" seed="$s"
   done
 }
 # (i) the estimators at equal forward passes per round (16 per client): central P=1 and forward P=1
 # at T = 8, central P=2 and forward P=3 at T = 4 (VPCS off, so every client runs every step).
 part_est() {
   for s in 0 1; do
-    locked run_default i "i-central-p1-s$s" seed="$s" vp.enabled=false
-    locked run_default i "i-forward-p1-s$s" seed="$s" vp.enabled=false zo.estimator=forward
-    locked run_default i "i-central-p2-s$s" seed="$s" vp.enabled=false zo.num_perturbations=2 fed.local_steps=4
-    locked run_default i "i-forward-p3-s$s" seed="$s" vp.enabled=false zo.estimator=forward \
+    locked i_run "i-central-p1-s$s" seed="$s" vp.enabled=false
+    locked i_run "i-forward-p1-s$s" seed="$s" vp.enabled=false zo.estimator=forward
+    locked i_run "i-central-p2-s$s" seed="$s" vp.enabled=false zo.num_perturbations=2 fed.local_steps=4
+    locked i_run "i-forward-p3-s$s" seed="$s" vp.enabled=false zo.estimator=forward \
       zo.num_perturbations=3 fed.local_steps=4
   done
 }
