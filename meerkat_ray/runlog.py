@@ -23,13 +23,16 @@ import struct
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from .errors import MeerkatError
+
+if TYPE_CHECKING:  # pandas is imported where a frame is written or read: a client actor's process never needs it
+    import pandas as pd
 
 PATH_COLUMNS = ["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip"]
 
@@ -129,6 +132,8 @@ class RunWriter:
         self.scalars.add_round(self.metrics)
 
     def write_path(self) -> None:
+        import pandas as pd
+
         frame = (pd.concat(self.path_frames, ignore_index=True) if self.path_frames
                  else pd.DataFrame({c: pd.Series(dtype="float64") for c in PATH_COLUMNS}))
         with atomic_path(self.dir / "path.parquet") as tmp:
@@ -207,4 +212,6 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def read_path(run_dir: str | Path) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.read_parquet(Path(run_dir) / "path.parquet")

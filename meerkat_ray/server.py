@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .algorithms import make_algorithm
@@ -21,6 +21,9 @@ from .messages import ClientPlan, ClientResult, SyncMessage
 from .runlog import theta_digest
 from .strategies.aggregation import ClientPath
 from .strategies.strategy import ServerStrategy
+
+if TYPE_CHECKING:  # imported where a round's frame is built: a client actor's process (which loads this module) never needs it
+    import pandas as pd
 
 
 @dataclass
@@ -150,6 +153,8 @@ class Server:
                                               {p.client: list(by_client[p.client].losses) for p in accepted},
                                               grad_ips_of)
         metrics = self._account(round_, plans, accepted, rejected, answers, sync, decided_now)
+        import pandas as pd
+
         columns = ["round", "client", "step", "seed", "scalar", "lr", "weight", "grad_ip", "perturbation"]
         frame = pd.DataFrame(rows, columns=columns)
         frame = frame.astype({"round": "int64", "client": "int64", "step": "int64", "seed": "int64",

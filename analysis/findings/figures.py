@@ -1,8 +1,9 @@
 """Figures and tables of analysis/findings/README.md that `meerkat-ray analyze` does not draw.
 
 Reads only run-folder files (summary.json, config.yaml, clients.json, path.parquet) under
-runs/findings/<part>/ as written by analysis/findings/run_all.sh, writes PNGs into
-analysis/findings/ and prints the markdown tables the findings page quotes.
+runs/findings/<part>/ as written by analysis/findings/run_all.sh (and, for (i), the copies that
+script keeps in analysis/findings/data/i/), writes PNGs into analysis/findings/ and prints the
+markdown tables the findings page quotes.
 
     .venv/bin/python analysis/findings/figures.py [--runs runs/findings] [--out analysis/findings]
 """
@@ -355,7 +356,7 @@ def method_label(r: dict) -> str:
 def paired_differences(groups: dict, baseline: str) -> None:
     """Each method minus the baseline on the same seed (same partition and test set), mean ± s.e."""
     base = {r["cfg"]["seed"]: r["summary"] for r in groups.get(baseline, [])}
-    print(f"\n| method − {baseline} (same seed) | seeds | accuracy, mean ± s.e. | test loss, mean ± s.e. |")
+    print(f"\n| method − {baseline.replace(chr(10), ', ')} (same seed) | seeds | accuracy, mean ± s.e. | test loss, mean ± s.e. |")
     print("|---|---|---|---|")
     for label, group in groups.items():
         pairs = [(r["summary"], base[r["cfg"]["seed"]]) for r in group if label != baseline and r["cfg"]["seed"] in base]
@@ -364,7 +365,7 @@ def paired_differences(groups: dict, baseline: str) -> None:
         acc = np.array([s["final_accuracy"] - b["final_accuracy"] for s, b in pairs])
         loss = np.array([s["final_test_loss"] - b["final_test_loss"] for s, b in pairs])
         sem = (lambda v: f"{np.std(v, ddof=1) / math.sqrt(len(v)):.4f}") if len(pairs) > 1 else (lambda v: "-")
-        print(f"| {label} | {len(pairs)} | {acc.mean():+.3f} ± {sem(acc)} | {loss.mean():+.4f} ± {sem(loss)} |")
+        print(f"| {label.replace(chr(10), ', ')} | {len(pairs)} | {acc.mean():+.3f} ± {sem(acc)} | {loss.mean():+.4f} ± {sem(loss)} |")
 
 
 def part_f(root: Path, out: Path) -> None:
@@ -482,18 +483,110 @@ def part_claim4(sweeps: Path, out: Path) -> None:
     save(fig, out / "h_claim4.png")
 
 
+# ----------------------------------------------------------------------------- (i) DP-ZO, estimators
+
+def dp_label(r: dict) -> str:
+    return f"σ={r['cfg']['privacy']['noise_multiplier']:g}" if r["cfg"]["privacy"]["enabled"] else "non-private"
+
+
+def epsilon_of(r: dict) -> float:
+    """The largest client epsilon of a private run (inf where sigma = 0: clipping alone bounds nothing)."""
+    eps = r["summary"]["privacy"]["max_epsilon"]
+    return math.inf if eps is None else float(eps)
+
+
+def part_i_dp(root: Path, out: Path) -> None:
+    """Accuracy and test loss against epsilon (findings (i)): per run, the paired differences to the
+    non-private default of the same seed, and the VPCS flags as sigma grows."""
+    runs = [r for r in runs_of(root) if r["name"].startswith(("i-dp-", "i-nonprivate-"))]
+    if not runs:
+        return
+    runs.sort(key=lambda r: (r["cfg"]["privacy"]["enabled"], r["cfg"]["privacy"]["noise_multiplier"]))
+    groups = grouped(runs, dp_label)
+    print("\n### (i) DP-ZO on the embedded default (clip C = 10, delta = 1e-5)\n")
+    print("| setting | seed | epsilon (largest client) | final accuracy ± s.e. | test loss | flagged | truly extreme | "
+          "precision / recall | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, group in groups.items():
+        for r in sorted(group, key=lambda r: r["cfg"]["seed"]):
+            s = r["summary"]
+            eps = "-" if not s.get("privacy") else ("∞ (no bound)" if epsilon_of(r) == math.inf else f"{epsilon_of(r):.2f}")
+            f = s["flagging"] or {}
+            quality = f"{_q(f.get('precision'))} / {_q(f.get('recall'))}" if f else "-"
+            print(f"| {label} | {r['cfg']['seed']} | {eps} | {acc_cell(s)} | {s['final_test_loss']:.4f} | "
+                  f"{s['flagged_clients']} | {s['extreme_clients']} | {quality} | {s['total_wall_s']:.0f} |")
+    paired_differences(groups, "non-private")
+    fig, (ax, lax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    finite = [epsilon_of(r) for r in runs if r["cfg"]["privacy"]["enabled"] and epsilon_of(r) < math.inf]
+    right = 2 * max(finite) if finite else 10.0  # where the runs without a bound are drawn
+    for label, group in groups.items():
+        if label == "non-private":
+            for a, key in ((ax, "final_accuracy"), (lax, "final_test_loss")):
+                a.axhline(np.mean([r["summary"][key] for r in group]), color="black", ls="--", lw=1,
+                          label=f"non-private (mean of {len(group)} seeds)")
+            continue
+        xs = [min(epsilon_of(r), right) for r in group]
+        accs = [r["summary"]["final_accuracy"] for r in group]
+        ax.errorbar(xs, accs, yerr=[se(a, r["summary"]["num_test"]) for a, r in zip(accs, group)], fmt="o",
+                    capsize=3, label=label)
+        lax.plot(xs, [r["summary"]["final_test_loss"] for r in group], "o", label=label)
+    zero = runs[0]["summary"]["zero_shot_accuracy"]
+    ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f} (seed {runs[0]['cfg']['seed']})")
+    for a, ylabel in ((ax, f"test accuracy ({runs[0]['summary']['num_test']} tweets, ± 1 s.e.)"), (lax, "test loss")):
+        a.set_xscale("log")
+        a.set_xlabel(f"epsilon at delta 1e-5, largest client (log; σ=0 drawn at {right:.3g}: no bound)")
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.suptitle("DP-ZO on the embedded default: clip C = 10, Poisson sampling, 2 seeds")
+    save(fig, out / "i_dp.png")
+
+
+def _q(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def est_label(r: dict) -> str:
+    zo, fed = r["cfg"]["zo"], r["cfg"]["fed"]
+    return f"{zo['estimator']} P={zo['num_perturbations']}\nT={fed['local_steps']}"
+
+
+def part_i_est(root: Path, out: Path) -> None:
+    """The estimators at equal forward passes per client and round (findings (i))."""
+    runs = [r for r in runs_of(root) if r["name"].startswith(("i-central-", "i-forward-"))]
+    if not runs:
+        return
+    order = {"central P=1\nT=8": 0, "forward P=1\nT=8": 1, "central P=2\nT=4": 2, "forward P=3\nT=4": 3}
+    groups = grouped(sorted(runs, key=lambda r: order.get(est_label(r), 9)), est_label)
+    print("\n### (i) estimators at 16 forward passes per client and round (VPCS off)\n")
+    print("| estimator | seed | final accuracy ± s.e. | test loss | local steps | uplink B | train s |")
+    print("|---|---|---|---|---|---|---|")
+    for label, group in groups.items():
+        for r in sorted(group, key=lambda r: r["cfg"]["seed"]):
+            s = r["summary"]
+            print(f"| {label.replace(chr(10), ', ')} | {r['cfg']['seed']} | {acc_cell(s)} | {s['final_test_loss']:.4f} | "
+                  f"{s['local_steps']} | {s['uplink_bytes']:,} | {s['train_wall_s']:.0f} |")
+    paired_differences(groups, "central P=1\nT=8")
+    bar_plot(groups, out / "i_estimators.png", "Estimators at equal forward passes (embedded default, VPCS off)",
+             "estimator, directions per step, local steps per round", loss=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/findings", help="folder holding the parts' run folders")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="where the PNGs go")
     parser.add_argument("--sweep", default="sweeps/vp_thresholds", help="the sigma x rho sweep folder")
     parser.add_argument("--sweeps", default="sweeps", help="where the claim (4) sweeps of (h) are")
+    parser.add_argument("--kept", default=str(Path(__file__).parent / "data"),
+                        help="the committed run files of (h) and (i) (analysis/findings/data)")
     args = parser.parse_args()
     root, out = Path(args.runs), Path(args.out)
     for part in (part_a, part_b, part_b6, part_c, part_d, part_f):
         part(root, out)
     thresholds(Path(args.sweep), out)
     part_claim4(Path(args.sweeps), out)
+    part_i_dp(Path(args.kept) / "i", out)
+    part_i_est(Path(args.kept) / "i", out)
 
 
 if __name__ == "__main__":
