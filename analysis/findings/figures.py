@@ -519,17 +519,21 @@ def part_i_dp(root: Path, out: Path) -> None:
     fig, (ax, lax) = plt.subplots(1, 2, figsize=(12, 4.2))
     finite = [epsilon_of(r) for r in runs if r["cfg"]["privacy"]["enabled"] and epsilon_of(r) < math.inf]
     right = 2 * max(finite) if finite else 10.0  # where the runs without a bound are drawn
-    for label, group in groups.items():
-        if label == "non-private":
-            for a, key in ((ax, "final_accuracy"), (lax, "final_test_loss")):
-                a.axhline(np.mean([r["summary"][key] for r in group]), color="black", ls="--", lw=1,
-                          label=f"non-private (mean of {len(group)} seeds)")
-            continue
-        xs = [min(epsilon_of(r), right) for r in group]
-        accs = [r["summary"]["final_accuracy"] for r in group]
-        ax.errorbar(xs, accs, yerr=[se(a, r["summary"]["num_test"]) for a, r in zip(accs, group)], fmt="o",
-                    capsize=3, label=label)
-        lax.plot(xs, [r["summary"]["final_test_loss"] for r in group], "o", label=label)
+    markers, dashes = ("o", "s", "^", "D"), ("--", "-.", ":", (0, (5, 1)))
+    seeds = sorted({r["cfg"]["seed"] for r in runs})
+    for label, group in groups.items():  # one marker (and one non-private line) per seed: seeds differ in data
+        for r in group:
+            i = seeds.index(r["cfg"]["seed"]) % len(markers)
+            s = r["summary"]
+            if label == "non-private":
+                for a, key in ((ax, "final_accuracy"), (lax, "final_test_loss")):
+                    a.axhline(s[key], color="black", ls=dashes[i], lw=1, label=f"non-private, seed {r['cfg']['seed']}")
+                continue
+            colour = f"C{list(groups).index(label)}"
+            x = min(epsilon_of(r), right)
+            ax.errorbar([x], [s["final_accuracy"]], yerr=[se(s["final_accuracy"], s["num_test"])], fmt=markers[i],
+                        capsize=3, color=colour, label=f"{label}, seed {r['cfg']['seed']}")
+            lax.plot([x], [s["final_test_loss"]], markers[i], color=colour)
     zero = runs[0]["summary"]["zero_shot_accuracy"]
     ax.axhline(zero, color="black", ls=":", lw=1, label=f"zero-shot {zero:.3f} (seed {runs[0]['cfg']['seed']})")
     for a, ylabel in ((ax, f"test accuracy ({runs[0]['summary']['num_test']} tweets, ± 1 s.e.)"), (lax, "test loss")):
