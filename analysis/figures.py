@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from matplotlib.patches import Patch
 
 from .plots import Plot, colours, counted, legend_below, plt, ranges
 from .runs import Run
