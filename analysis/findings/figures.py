@@ -265,6 +265,7 @@ def seed_table(title: str, groups: dict) -> None:
     print("| setting | seed | zero-shot | final accuracy ± s.e. | test loss | local steps | uplink B | downlink B | flagged | truly extreme |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for label, runs in groups.items():
+        label = label.replace("\n", ", ")  # a figure's two-line tick label, on one table line
         for r in sorted(runs, key=lambda r: r["cfg"]["seed"]):
             s = r["summary"]
             print(f"| {label} | {r['cfg']['seed']} | {s['zero_shot_accuracy']:.3f} | {acc_cell(s)} | "
@@ -562,14 +563,7 @@ def part_i_est(root: Path, out: Path) -> None:
         return
     order = {"central P=1\nT=8": 0, "forward P=1\nT=8": 1, "central P=2\nT=4": 2, "forward P=3\nT=4": 3}
     groups = grouped(sorted(runs, key=lambda r: order.get(est_label(r), 9)), est_label)
-    print("\n### (i) estimators at 16 forward passes per client and round (VPCS off)\n")
-    print("| estimator | seed | final accuracy ± s.e. | test loss | local steps | uplink B | train s |")
-    print("|---|---|---|---|---|---|---|")
-    for label, group in groups.items():
-        for r in sorted(group, key=lambda r: r["cfg"]["seed"]):
-            s = r["summary"]
-            print(f"| {label.replace(chr(10), ', ')} | {r['cfg']['seed']} | {acc_cell(s)} | {s['final_test_loss']:.4f} | "
-                  f"{s['local_steps']} | {s['uplink_bytes']:,} | {s['train_wall_s']:.0f} |")
+    seed_table("(i) estimators at 16 forward passes per client and round (VPCS off)", groups)
     paired_differences(groups, "central P=1\nT=8")
     bar_plot(groups, out / "i_estimators.png", "Estimators at equal forward passes (embedded default, VPCS off)",
              "estimator, directions per step, local steps per round", loss=True)
