@@ -9,6 +9,7 @@ Built-in names:
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import importlib.util
 import os
@@ -101,13 +102,13 @@ def embedded_tokenizer(cache: Path):
 
 def smollm2_folder(cache: Path) -> Path:
     """The fp32 safetensors copy of the embedded model, converted once."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def convert(tmp: Path) -> None:
         src = _smollm2_folder()
         print(f"converting the embedded SmolLM2-135M (GGUF) to fp32 safetensors in {cache} (once) ...", flush=True)
         quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        config = copy.deepcopy(quantised.config)  # the same config; reading it again would parse the GGUF again
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
