@@ -150,8 +150,9 @@ f_seed() {
 # (h) 100-step calibration trajectories (round 1 only) for the held-out protocol of (h): the
 # development seeds first, then the held-out settings H1-H3. One run at a time.
 h_run() {  # then keep the files the scoring reads in analysis/findings/data/h/ (committed)
-  run_default h "$@" fed.rounds=1 fed.eval_every=1 vp.calib_steps=100
   local keep=analysis/findings/data/h/$1
+  if [[ -f $keep/summary.json ]]; then echo "skip h/$1 (kept in $keep)"; return; fi  # runs/ may be gone
+  run_default h "$@" fed.rounds=1 fed.eval_every=1 vp.calib_steps=100
   mkdir -p "$keep"
   cp runs/findings/h/$1/{path.parquet,clients.json,config.yaml,summary.json,metrics.jsonl} "$keep/"
 }
@@ -179,8 +180,9 @@ part_h4() {
 # |scalar| in the development runs of (h): 25/50/75/90% = 0.9 / 2.9 / 7.5 / 14), 2 seeds, against the
 # non-private default of the same seeds. The noise on a step's scalar has s.d. sigma C / B = 1.25 sigma.
 i_run() {  # run_default i NAME ..., then keep what the figures read in analysis/findings/data/i/ (committed)
-  run_default i "$@"
   local keep=analysis/findings/data/i/$1
+  if [[ -f $keep/summary.json ]]; then echo "skip i/$1 (kept in $keep)"; return; fi
+  run_default i "$@"
   mkdir -p "$keep"
   cp runs/findings/i/$1/{path.parquet,clients.json,config.yaml,summary.json,metrics.jsonl} "$keep/"
 }
