@@ -149,13 +149,16 @@ f_seed() {
 
 # (h) 100-step calibration trajectories (round 1 only) for the held-out protocol of (h): the
 # development seeds first, then the held-out settings H1-H3. One run at a time.
-h_run() {  # then keep the files the scoring reads in analysis/findings/data/h/ (committed)
-  local keep=analysis/findings/data/h/$1
-  if [[ -f $keep/summary.json ]]; then echo "skip h/$1 (kept in $keep)"; return; fi  # runs/ may be gone
-  run_default h "$@" fed.rounds=1 fed.eval_every=1 vp.calib_steps=100
+kept_run() {  # kept_run PART NAME [key=value ...]: run_default, then keep the files the tables and
+  # figures read in analysis/findings/data/PART/NAME/ (committed); a kept run is skipped, since runs/
+  # does not outlive a checkout
+  local part=$1 name=$2 keep=analysis/findings/data/$1/$2
+  if [[ -f $keep/summary.json ]]; then echo "skip $part/$name (kept in $keep)"; return; fi
+  run_default "$@"
   mkdir -p "$keep"
-  cp runs/findings/h/$1/{path.parquet,clients.json,config.yaml,summary.json,metrics.jsonl} "$keep/"
+  cp runs/findings/$part/$name/{path.parquet,clients.json,config.yaml,summary.json,metrics.jsonl} "$keep/"
 }
+h_run() { kept_run h "$@" fed.rounds=1 fed.eval_every=1 vp.calib_steps=100; }
 part_h_dev() { for s in 0 1; do locked h_run "h-default-s$s" seed="$s"; done; }
 part_h_held() {
   for s in 2 3 4 5 6 7 8 9; do locked h_run "h-default-s$s" seed="$s"; done
@@ -179,13 +182,7 @@ part_h4() {
 # (i) DP-ZO on the embedded default: sigma in {0, 0.5, 1, 2} at C = 10 (about the 80th percentile of
 # |scalar| in the development runs of (h): 25/50/75/90% = 0.9 / 2.9 / 7.5 / 14), 2 seeds, against the
 # non-private default of the same seeds. The noise on a step's scalar has s.d. sigma C / B = 1.25 sigma.
-i_run() {  # run_default i NAME ..., then keep what the figures read in analysis/findings/data/i/ (committed)
-  local keep=analysis/findings/data/i/$1
-  if [[ -f $keep/summary.json ]]; then echo "skip i/$1 (kept in $keep)"; return; fi
-  run_default i "$@"
-  mkdir -p "$keep"
-  cp runs/findings/i/$1/{path.parquet,clients.json,config.yaml,summary.json,metrics.jsonl} "$keep/"
-}
+i_run() { kept_run i "$@"; }
 part_dp() {
   for s in 0 1; do
     for sigma in 0 0.5 1 2; do
