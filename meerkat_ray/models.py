@@ -9,6 +9,7 @@ Built-in names:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import importlib.util
@@ -107,16 +108,37 @@ def smollm2_folder(cache: Path) -> Path:
     def convert(tmp: Path) -> None:
         src = _smollm2_folder()
         print(f"converting the embedded SmolLM2-135M (GGUF) to fp32 safetensors in {cache} (once) ...", flush=True)
-        quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        config = copy.deepcopy(quantised.config)  # the same config; reading it again would parse the GGUF again
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(quantised.state_dict())
-        model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
+        with _gguf_parsed_once():
+            quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            config = copy.deepcopy(quantised.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(quantised.state_dict())
+            model.save_pretrained(tmp, safe_serialization=True)
+            AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
 
     return _atomic_save_folder(cache / "models" / "smollm2-135m-fp32", convert)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers reads a GGUF file afresh for its config, its weights and its tokenizer (one
+    full parse each, ~4 s for SmolLM2's 49k-token vocabulary), and rebuilds gguf's tensor-name map
+    for every submodule (~400 times). Inside this block both are built once per argument: the same
+    objects, so the same values, in a third of the time. Not thread-safe (the conversion runs
+    under its folder lock, in one thread)."""
+    import functools
+
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(real_reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 def _tiny_model(name: str, seed: int, tokenizer):

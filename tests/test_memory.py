@@ -79,7 +79,8 @@ def actor_retained_bytes(actor) -> int:
 def test_a_client_actor_serves_1000_clients_in_the_memory_of_10(ray_cluster):
     """The same 2,000 training examples as K = 10 or K = 1,000 virtual clients of one actor, full
     mask (n = 73,728: anything of size n kept per client would add 288 KB each), 2 rounds of T = 1
-    (after round 1 every client has been served once; round 2 shows what a round adds). Measured
+    step on 1 example of 8 tokens (after round 1 every client has been served once; round 2 shows
+    what a round adds). Measured
     inside the actor, as everything reachable from it (its model, data and every client's state):
     from K = 10 to K = 1,000 it grows by less than 1% of one size-n vector (2.9 KB) per added
     client - what a client may keep is its data indices and a cursor - and from round 1 to round 2
@@ -94,7 +95,7 @@ def test_a_client_actor_serves_1000_clients_in_the_memory_of_10(ray_cluster):
     retained = {}
     for K in (10, 1000):
         cfg = load_config(None, [*TINY_RUN, "data.num_train=2000", f"data.num_clients={K}", "data.partition=iid",
-                                 "data.batch_size=2", "mask.kind=full", "fed.rounds=2", "fed.local_steps=1",
+                                 "data.batch_size=1", "data.max_length=8", "mask.kind=full", "fed.rounds=2", "fed.local_steps=1",
                                  "vp.enabled=false", "executor=ray", "ray.num_actors=1", "ray.cpus_per_client=1"])
         data = prepare_data(cfg)
         executor = RayExecutor(cfg, data)
