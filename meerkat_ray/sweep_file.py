@@ -74,6 +74,9 @@ class TuneSettings:
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow (optuna: set it, TPE learns from finished trials only)
     scheduler: str = "none"        # none = fifo (every trial runs all rounds) | asha (stop weak trials early, at rungs of rounds)
     max_failures: int = 2          # a failed trial is retried this many times, from its last round's checkpoint
+    reuse_actors: bool = True      # the next trial may start in a finished one's process (same resources; Tune
+                                   # does so when it has not staged the next trial yet, e.g. one at a time):
+                                   # no fresh process importing torch + transformers (false: one each)
     asha: ASHASettings = field(default_factory=ASHASettings)
     optuna: OptunaSettings = field(default_factory=OptunaSettings)
 

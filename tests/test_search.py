@@ -145,7 +145,7 @@ def run_search(sweep, folder=None, resume=False, callbacks=()):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial process cannot import tests/
     folder = open_sweep_folder(sweep, resume=resume, overwrite=False)
     results = make_tuner(sweep, folder, resume=resume, progress=False, trial_fn=scored_trial,
-                         callbacks=callbacks, reuse_actors=True).fit()
+                         callbacks=callbacks).fit()
     return folder, results
 
 

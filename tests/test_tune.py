@@ -251,6 +251,12 @@ def test_a_sweep_whose_driver_is_killed_mid_trial_resumes_to_the_uninterrupted_r
     sweep = load_sweep(items[0], items[1:])
     trials = trial_runs(folder)
     assert len(trials) == 2
+    # tune.reuse_actors (the default): one trial at a time, the next trial starts in the process the
+    # last one finished in. The resumed sweep's result.json files (written by its driver) record
+    # each result's pid: one process for both trials (without reuse: one each)
+    pids = {json.loads(line)["pid"] for trial in (folder / "tune").iterdir() if (trial / "result.json").is_file()
+            for line in (trial / "result.json").read_text().splitlines()}
+    assert len(pids) == 1, pids
     for point in sweep.points:
         cfg = point_config(sweep.base, point)
         cfg.name, cfg.output_dir = f"straight-{point['mask.density']}", str(tmp_path / "straight")

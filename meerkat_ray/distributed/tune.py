@@ -171,10 +171,9 @@ def open_sweep_folder(sweep: Sweep, resume: bool, overwrite: bool) -> Path:
 
 
 def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_fn=run_trial,
-               callbacks=(), reuse_actors: bool = False) -> tune.Tuner:
+               callbacks=()) -> tune.Tuner:
     """`trial_fn(params, base, runs_dir)` is the trainable (`run_trial`; tests wrap it to inject faults);
-    `callbacks` are Tune callbacks of a new sweep (tests interrupt a sweep with one); `reuse_actors`
-    lets a trial start in the process a finished one ran in (tests of stand-in trials)."""
+    `callbacks` are Tune callbacks of a new sweep (tests interrupt a sweep with one)."""
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base=sweep.base, runs_dir=staging.runs_location(sweep, folder)),
         resources=functools.partial(trial_resources, sweep.base))
@@ -194,7 +193,7 @@ def make_tuner(sweep: Sweep, folder: Path, resume: bool, progress: bool, trial_f
         param_space=param_space(sweep),
         tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, search_alg=search_alg,
                                     max_concurrent_trials=max_concurrent, scheduler=scheduler,
-                                    trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors),
+                                    trial_dirname_creator=trial_dirname, reuse_actors=t.reuse_actors),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=staging.tune_storage(sweep, folder)[0],
                                   storage_filesystem=staging.tune_storage(sweep, folder)[1], verbose=1 if progress else 0,
                                   callbacks=list(callbacks) or None,
