@@ -394,7 +394,7 @@ def until(condition, timeout_s: float) -> bool:
 
 
 JOB_SWEEP = ["grid.mask.density=[0.01]", "grid.fed.local_steps=[2]", "grid.seed=[0,1]", "fed.rounds=4",
-             "mask.cache=false", "model.num_threads=1"]
+             "mask.cache=false", "model.num_threads=1", "tune.max_concurrent_trials=1"]  # one trial process
 
 
 @pytest.mark.ray
@@ -402,10 +402,11 @@ JOB_SWEEP = ["grid.mask.density=[0.01]", "grid.fed.local_steps=[2]", "grid.seed=
 def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_path):
     """As cluster/README.md tells users to work: `ray start --head` (no CPUs for work) and a worker
     node; `ray job submit -- meerkat-ray tune ... tune.output_dir=s3://...`; `ray job stop` midway;
-    the same submission with --resume completes it; `ray job logs` show it. The trials write their
-    run folders in the worker's scratch folder (a path the driver is never told) and upload them
-    to S3 every round; the results table and analyze then work from the URI alone, the resumed
-    trial equals a straight run, and the worker's scratch folder is left empty."""
+    the same submission with --resume completes it; `ray job logs` and the submission's own output
+    show it. The trials write their run folders in the worker's scratch folder (a path the driver
+    is never told) and upload them to S3 every round; the results table and analyze then work from
+    the URI alone, the resumed trial equals a straight run, and the worker's scratch folder is left
+    empty."""
     import io
     import os
     import time
@@ -452,7 +453,7 @@ def test_a_ray_job_sweep_on_s3_stops_resumes_and_needs_no_shared_path(s3, tmp_pa
         errors = {f: store.read_bytes(f).decode()[-1500:] for f in store.files() if f.endswith("error.txt")}
         assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-3000:], errors)
         assert cluster.job_status("second") == "SUCCEEDED"
-        logs = cluster.job("logs", "second").stdout
+        logs = second.stdout  # a submission without --no-wait follows the job's logs to its end
     finally:
         cluster.thaw(frozen)
         cluster.stop()

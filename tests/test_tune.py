@@ -158,7 +158,7 @@ def _mkdir(path: Path) -> Path:
 @pytest.mark.ray
 def test_smoke_sweep_writes_a_four_row_results_table(ray_cluster, tmp_path):
     args = ["tune", str(ROOT / "tune_configs" / "smoke.yaml"), f"tune.output_dir={tmp_path}",
-            "base.mask.cache=false", "--quiet"]
+            "base.mask.cache=false", "tune.max_concurrent_trials=1", "--quiet"]  # one at a time: one trial process
     assert main(args) == 0
     folder = tmp_path / "smoke"
     table = pd.read_parquet(folder / "results.parquet")
