@@ -394,7 +394,7 @@ def until(condition, timeout_s: float) -> bool:
 
 
 JOB_SWEEP = ["grid.mask.density=[0.01]", "grid.fed.local_steps=[2]", "grid.seed=[0,1]", "fed.rounds=4",
-             "mask.cache=false", "model.num_threads=1", "tune.max_concurrent_trials=1"]  # one trial process
+             "mask.cache=false", "model.num_threads=1"]
 
 
 @pytest.mark.ray

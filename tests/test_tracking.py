@@ -255,8 +255,7 @@ def test_a_random_search_nests_its_trials_under_the_sweeps_mlflow_run(ray_cluste
     root = Path(__file__).resolve().parents[1]
     assert main(["tune", str(root / "tune_configs" / "smoke_search.yaml"), f"tune.output_dir={tmp_path}",
                  f"base.tracking.mlflow_uri={mlflow_server}", "base.tracking.mlflow_experiment=sweeps",
-                 "base.tracking.wandb_project=sweeps", "base.mask.cache=false",
-                 "tune.max_concurrent_trials=1", "--quiet"]) == 0  # one at a time: one trial process
+                 "base.tracking.wandb_project=sweeps", "base.mask.cache=false", "--quiet"]) == 0
     folder = tmp_path / "smoke_search"
     table = pd.read_parquet(folder / "results.parquet")
     assert len(table) == 2 and (table["status"] == "done").all()
