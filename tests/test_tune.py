@@ -60,6 +60,7 @@ BAD = [  # sweep file text, extra CLI items, what the error line must name
     ("grid: {name: [a, b]}\n", [], "grid.name"),
     ("base: {fed: {roundz: 3}}\n", [], "base.fed.roundz"),
     ("tune: {metric: f1}\n", [], "tune.metric"),
+    ("grid: {seed: [0]}\n", ["tune.reuse_actors=sometimes"], "tune.reuse_actors"),
     ("gird: {}\n", [], "gird"),
     ("grid: {fed.local_steps: [1, 2]}\n", ["grid.fed.local_steps=[1, 0]"], "fed.local_steps"),
     ("base: {model: {name: no-such/model-anywhere}}\n", [], "model.name"),
