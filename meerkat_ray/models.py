@@ -126,8 +126,8 @@ def _gguf_parsed_once():
     """transformers reads a GGUF file afresh for its config, its weights and its tokenizer (one
     full parse each, ~4 s for SmolLM2's 49k-token vocabulary), and rebuilds gguf's tensor-name map
     for every submodule (~400 times). Inside this block both are built once per argument: the same
-    objects, so the same values, in a third of the time. Not thread-safe (the conversion runs
-    under its folder lock, in one thread)."""
+    objects, so the same values, and the conversion takes half the time (26 s -> 13 s). Not
+    thread-safe (the conversion runs under its folder lock, in one thread)."""
     import functools
 
     import gguf

@@ -95,8 +95,9 @@ def test_a_client_actor_serves_1000_clients_in_the_memory_of_10(ray_cluster):
     retained = {}
     for K, rounds in ((10, 2), (1000, 1)):
         cfg = load_config(None, [*TINY_RUN, "data.num_train=2000", f"data.num_clients={K}", "data.partition=iid",
-                                 "data.batch_size=1", "data.max_length=8", "mask.kind=full", "fed.rounds=2", "fed.local_steps=1",
-                                 "vp.enabled=false", "executor=ray", "ray.num_actors=1", "ray.cpus_per_client=1"])
+                                 "data.batch_size=1", "data.max_length=8", "mask.kind=full", f"fed.rounds={rounds}",
+                                 "fed.local_steps=1", "vp.enabled=false", "executor=ray", "ray.num_actors=1",
+                                 "ray.cpus_per_client=1"])
         data = prepare_data(cfg)
         executor = RayExecutor(cfg, data)
         try:
@@ -105,7 +106,7 @@ def test_a_client_actor_serves_1000_clients_in_the_memory_of_10(ray_cluster):
             server = executor.make_server(cfg, executor.theta0, executor.mask.pretrain_grad, data.client_sizes)
             retained[K] = []
             theta = executor.theta0.clone()
-            for r in range(1, rounds + 1):
+            for r in range(1, cfg.fed.rounds + 1):
                 plans = server.plan_round(r)
                 outcome = server.finish_planned(r, executor.run_clients(plans))
                 theta = executor.sync(outcome.sync, theta)
